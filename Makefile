@@ -1,0 +1,27 @@
+# Quick start: `make demo` runs the main job, `make test` runs the tests.
+# Both build .venv (Python 3.10+ and pip are all they need) when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): requirements-test.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m presam_kernels compare
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests bench --benchmark-disable
+
+bench: $(STAMP)
+	$(PY) -m pytest -q bench --benchmark-only
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,158 @@
+"""Eager PyTorch backend: the CPU path and the readable reference.
+
+Every verb works on the per-bucket ``Table``s with ``torch._foreach_*`` ops,
+one call per op over all rows (one row per bucket and group when flattened).
+Scalars that depend on the data (the norm, the scale, the overflow flag, the
+EMA-ready flag) stay device tensors: nothing here reads a tensor on the host.
+
+Notation of DESIGN.md section 1: g gradient, m EMA state, u direction,
+c constraint diagonal, e = rho * c^2 * u / (||c u|| + eps_norm).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..preconditioners import Constraint, Objective, Preconditioner
+
+name = "eager"
+
+
+def _fp32(tensors):
+    return [t if t.dtype == torch.float32 else t.float() for t in tensors]
+
+
+def _direction(spec: Preconditioner, g, m, first):
+    """u (possibly scaled by delta, see below) and the EMA's next value m_new.
+
+    ``first`` is True when the host knows no EMA step has happened yet, else a
+    0-d fp32 tensor (1.0 = no successful EMA step yet) so that a skipped first
+    step (non-finite gradients) is handled without a host read.
+    infoSAM evaluates u' = delta * u = g / (1 + belief / delta): e does not
+    change when u is scaled, and g / belief overflows fp32 (DESIGN.md).
+    """
+    if spec.objective is Objective.GRADIENT:
+        return g, None
+    if first is True:
+        return g, g
+    if spec.objective is Objective.EMA:
+        weight = spec.ema_weight + (1.0 - spec.ema_weight) * first  # 1 on the first step: m = g
+        m_new = torch._foreach_sub(g, m)
+        torch._foreach_mul_(m_new, weight)
+        torch._foreach_add_(m_new, m)
+        return m_new, m_new
+    # INFO: m_new - g = alpha * (m_old - g), formed without cancellation.
+    alpha = 1.0 - spec.ema_weight
+    gap = torch._foreach_sub(m, g)
+    torch._foreach_mul_(gap, alpha * (1.0 - first))  # zero on the first step: m_new = g
+    m_new = torch._foreach_add(g, gap)
+    belief = torch._foreach_mul(gap, gap)
+    torch._foreach_mul_(belief, (1.0 - first) / spec.delta)  # first step: belief / delta -> 0, u = g
+    torch._foreach_add_(belief, 1.0)
+    u = torch._foreach_div(g, belief)
+    return u, m_new
+
+
+def _constraint(spec: Preconditioner, table, g):
+    """c per row, or None where c = 1."""
+    kind = spec.constraint
+    if kind is Constraint.NONE:
+        return [None] * len(table)
+    if kind is Constraint.FISHER:
+        c = torch._foreach_mul(g, g)
+        torch._foreach_mul_(c, spec.eta)
+        torch._foreach_add_(c, 1.0)
+        torch._foreach_rsqrt_(c)
+        return c
+    c = [None] * len(table)
+    rows = [i for i in range(len(table)) if kind is Constraint.ADAPTIVE or table.is_weight[i]]
+    if rows:
+        absx = torch._foreach_abs(_fp32([table.params[i] for i in rows]))
+        if kind is Constraint.ASAM:
+            torch._foreach_add_(absx, spec.eta)
+        for i, a in zip(rows, absx):
+            c[i] = a
+    return c
+
+
+def _mul_where(c, u):
+    """c * u row by row, skipping rows with c = 1."""
+    rows = [i for i, ci in enumerate(c) if ci is not None]
+    out = list(u)
+    if rows:
+        for i, prod in zip(rows, torch._foreach_mul([c[i] for i in rows], [u[i] for i in rows])):
+            out[i] = prod
+    return out
+
+
+def _sum_of_squares(tensors, device):
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch._foreach_norm(tensors)
+    return torch.stack(norms).float().square().sum()
+
+
+def unscale_(tables, inv_scale, found_inf):
+    """Divide the gradients by the loss scale in place, recording overflow in
+    ``found_inf`` (a 1-element fp32 tensor per device, as GradScaler keeps)."""
+    by_dtype = {}
+    for table in tables:
+        for g in table.grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+    for grads in by_dtype.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+
+
+def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
+    """x <- x + e for every row (one global norm over all tables), backup <- x,
+    EMA <- m_new.  A non-finite norm or ``found_inf`` > 0 perturbs nothing and
+    keeps the EMA.  Returns (norm, skipped) as 0-d fp32 device tensors."""
+    device = buckets[0].device
+    work = []
+    partials = []
+    for table in tables:
+        g = _fp32(table.grads)
+        u, m_new = _direction(spec, g, table.grad_emas, first)
+        c = _constraint(spec, table, g)
+        cu = _mul_where(c, u)
+        work.append((c, cu, m_new))
+        partials.append(_sum_of_squares(cu, table.params[0].device if len(table) else device).to(device))
+    norm = torch.stack(partials).sum().sqrt()
+    skipped = ~torch.isfinite(norm)
+    if found_inf is not None:
+        skipped = skipped | (found_inf.reshape(()).to(device) > 0)
+    eps = spec.eps_norm
+    if spec.objective is Objective.INFO and first is not True:
+        eps = spec.eps_norm * (first + (1.0 - first) * spec.delta)
+    scale = torch.where(skipped, 0.0, 1.0 / (norm + eps))
+
+    for table, bucket, (c, cu, m_new) in zip(tables, buckets, work):
+        if not len(table):
+            continue
+        local_scale = scale.to(table.params[0].device)
+        local_skip = skipped.to(local_scale.device)
+        if m_new is not None:
+            for m, new in zip(table.grad_emas, m_new):
+                torch.where(local_skip, m, new, out=m)
+        rows = [i for i in range(len(table)) if table.perturbed[i]]
+        if not rows:
+            continue
+        params = [table.params[i] for i in rows]
+        torch._foreach_copy_([table.backups[i] for i in rows], params)
+        e = _mul_where([c[i] for i in rows], [cu[i] for i in rows])
+        # scale = rho * (1 / (norm + eps)) per row, as a device tensor.
+        factors = [local_scale * rhos[table.group_index[i]] for i in rows]
+        e = torch._foreach_mul(e, factors)
+        if bucket.dtype == torch.float32:
+            torch._foreach_add_(params, e)
+        else:
+            for p, ei in zip(params, e):
+                p.copy_(p.float().add_(ei))
+    return norm, skipped
+
+
+def restore(tables):
+    """x <- backup, bit for bit, for every perturbed row."""
+    for table in tables:
+        rows = [i for i in range(len(table)) if table.perturbed[i]]
+        if rows:
+            torch._foreach_copy_([table.params[i] for i in rows], [table.backups[i] for i in rows])

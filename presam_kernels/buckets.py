@@ -1,0 +1,250 @@
+"""What the backends iterate over (DESIGN.md section 2).
+
+A bucket holds every parameter of one (device, dtype): a fixed slice of the
+optimizer's own flat buffers per parameter (the backup, in the parameter's
+dtype, and the fp32 EMA state), and, with ``flatten=True``, the parameters and
+their gradients too.  Each step the optimizer asks the bucket for a ``Table``:
+the rows that take part in that step (parameters that have a gradient), with
+the tensors, lengths, offsets and per-row metadata a backend needs.  Rows that
+are adjacent in every flat buffer are merged, so a flattened bucket with one
+param group is a single row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Slices start on multiples of this many elements (64 B for fp32, 32 B for
+# bf16) so that every slice address is 16-byte aligned for vectorised loads.
+SLICE_ALIGN = 16
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides a slice of a flat buffer gets: the tensor's own when it is
+    dense (so channels_last stays channels_last), contiguous otherwise."""
+    if _non_overlapping_and_dense(t):
+        return tuple(t.stride())
+    return torch.empty(t.shape, device="meta").stride()
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill exactly t.numel() consecutive slots, in some dim order."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass
+class Table:
+    """The rows of one bucket that take part in one step.
+
+    ``params``/``grads``/``backups``/``grad_emas`` are same-shaped tensors per
+    row (with ``flatten=True``, 1-D views of the flat buffers).  ``perturbed``
+    is False for rows of a param group with rho == 0: they count in the norm
+    and update their EMA but are never written.
+    """
+
+    params: list
+    grads: list
+    backups: list
+    grad_emas: list | None
+    offsets: list
+    lengths: list
+    group_index: list
+    is_weight: list
+    perturbed: list
+
+    def __len__(self):
+        return len(self.params)
+
+    def select(self, mask):
+        """The sub-table of rows where ``mask`` is true."""
+        pick = lambda xs: None if xs is None else [x for x, keep in zip(xs, mask) if keep]  # noqa: E731
+        return Table(*(pick(getattr(self, f)) for f in Table.__dataclass_fields__))
+
+    def addresses(self) -> tuple:
+        """Host-side key of the table: changes whenever a tensor moved."""
+        return tuple((p.data_ptr(), g.data_ptr()) for p, g in zip(self.params, self.grads))
+
+
+@dataclass(eq=False)
+class Bucket:
+    device: torch.device
+    dtype: torch.dtype
+    params: list
+    group_index: list
+    is_weight: list
+    flatten: bool
+    strides: list = field(default_factory=list)
+    offsets: list = field(default_factory=list)
+    numel: int = 0
+    backup: torch.Tensor | None = None
+    grad_ema: torch.Tensor | None = None
+    grad_ema_prev: torch.Tensor | None = None
+    flat_param: torch.Tensor | None = None
+    flat_grad: torch.Tensor | None = None
+
+    def __post_init__(self):
+        offset = 0
+        for p in self.params:
+            self.strides.append(_dense_strides(p))
+            self.offsets.append(offset)
+            offset = _round_up(offset + p.numel(), SLICE_ALIGN)
+        self.numel = offset
+        if self.flatten:
+            self._flatten_params()
+
+    # -- views -----------------------------------------------------------
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Parameter i's slice of ``flat``, shaped and strided like the parameter."""
+        p = self.params[i]
+        return flat.as_strided(p.shape, self.strides[i], flat.storage_offset() + self.offsets[i])
+
+    def new_flat(self, dtype=None) -> torch.Tensor:
+        # Zeros, not empty: the gaps between slices must stay harmless
+        # (zero gradient, zero parameter) because merged rows cover them.
+        return torch.zeros(self.numel, dtype=dtype or self.dtype, device=self.device)
+
+    def ensure_backup(self):
+        if self.backup is None:
+            self.backup = self.new_flat()
+        return self.backup
+
+    def ensure_grad_ema(self):
+        if self.grad_ema is None:
+            self.grad_ema = self.new_flat(torch.float32)
+        return self.grad_ema
+
+    def ensure_grad_ema_prev(self):
+        if self.grad_ema_prev is None:
+            self.grad_ema_prev = self.new_flat(torch.float32)
+        return self.grad_ema_prev
+
+    # -- flatten=True ----------------------------------------------------
+    def _flatten_params(self):
+        """Re-point every parameter (and gradient) into one flat buffer each."""
+        self.flat_param = self.new_flat()
+        self.flat_grad = self.new_flat()
+        for i, p in enumerate(self.params):
+            view = self.view(self.flat_param, i)
+            view.copy_(p.detach())
+            p.data = view
+            grad_view = self.view(self.flat_grad, i)
+            if p.grad is not None:
+                grad_view.copy_(p.grad)
+            p.grad = grad_view
+
+    def readopt(self, i: int) -> bool:
+        """flatten=True: bring parameter i (and its gradient) back into the flat
+        buffers if something replaced them; one copy, never dropped.
+        Returns False when the parameter moved to another device or dtype
+        (the caller must rebuild the buckets)."""
+        p = self.params[i]
+        if p.device != self.device or p.dtype != self.dtype:
+            return False
+        view = self.view(self.flat_param, i)
+        if p.data_ptr() != view.data_ptr() or p.stride() != view.stride():
+            view.copy_(p.detach())
+            p.data = view
+        g = p.grad
+        if g is not None:
+            grad_view = self.view(self.flat_grad, i)
+            if g.data_ptr() != grad_view.data_ptr() or g.stride() != grad_view.stride():
+                grad_view.copy_(g)
+                p.grad = grad_view
+        return True
+
+    def in_place(self, i: int) -> bool:
+        """flatten=True: whether parameter i and its gradient still live in the flat buffers."""
+        p = self.params[i]
+        if p.data_ptr() != self.flat_param.data_ptr() + self.offsets[i] * self.flat_param.element_size():
+            return False
+        g = p.grad
+        return g is None or g.data_ptr() == self.flat_grad.data_ptr() + self.offsets[i] * self.flat_grad.element_size()
+
+    def zero_flat_grad(self):
+        """flatten=True: zero every gradient in one op and keep them allocated."""
+        self.flat_grad.zero_()
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                p.grad = self.view(self.flat_grad, i)
+
+    # -- the per-step table ---------------------------------------------
+    def table(self, group_perturbed) -> Table:
+        """The rows with a gradient this step.  ``group_perturbed[k]`` says
+        whether param group k has a nonzero rho."""
+        backup = self.ensure_backup()
+        ema = self.grad_ema
+        rows = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if self.flatten:
+            return self._merged_table(rows, group_perturbed)
+        return Table(
+            params=[self.params[i] for i in rows],
+            grads=[self.params[i].grad for i in rows],
+            backups=[self.view(backup, i) for i in rows],
+            grad_emas=None if ema is None else [self.view(ema, i) for i in rows],
+            offsets=[self.offsets[i] for i in rows],
+            lengths=[self.params[i].numel() for i in rows],
+            group_index=[self.group_index[i] for i in rows],
+            is_weight=[self.is_weight[i] for i in rows],
+            perturbed=[group_perturbed[self.group_index[i]] for i in rows],
+        )
+
+    def _merged_table(self, rows, group_perturbed) -> Table:
+        """flatten=True: runs of consecutive parameters with the same group and
+        weight flag become one 1-D row spanning the flat buffers."""
+        runs = []  # [first_param, last_param]
+        for i in rows:
+            if runs and runs[-1][1] == i - 1 and self._same_row_meta(runs[-1][1], i):
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        table = Table([], [], [], None if self.grad_ema is None else [], [], [], [], [], [])
+        for first, last in runs:
+            start = self.offsets[first]
+            stop = self.offsets[last] + self.params[last].numel()
+            table.params.append(self.flat_param[start:stop])
+            table.grads.append(self.flat_grad[start:stop])
+            table.backups.append(self.backup[start:stop])
+            if table.grad_emas is not None:
+                table.grad_emas.append(self.grad_ema[start:stop])
+            table.offsets.append(start)
+            table.lengths.append(stop - start)
+            table.group_index.append(self.group_index[first])
+            table.is_weight.append(self.is_weight[first])
+            table.perturbed.append(group_perturbed[self.group_index[first]])
+        return table
+
+    def _same_row_meta(self, i, j):
+        return self.group_index[i] == self.group_index[j] and self.is_weight[i] == self.is_weight[j]
+
+
+def build_buckets(params, group_index, is_weight, flatten: bool) -> list:
+    """Group parameters by (device, dtype); in flatten mode order each bucket by
+    (group, weight flag) so that a bucket's rows merge into as few as possible."""
+    by_key: dict = {}
+    for p, g, w in zip(params, group_index, is_weight):
+        by_key.setdefault((p.device, p.dtype), []).append((p, g, w))
+    buckets = []
+    for (device, dtype), members in by_key.items():
+        if flatten:
+            members.sort(key=lambda m: (m[1], not m[2]))
+        buckets.append(
+            Bucket(
+                device=device,
+                dtype=dtype,
+                params=[m[0] for m in members],
+                group_index=[m[1] for m in members],
+                is_weight=[m[2] for m in members],
+                flatten=flatten,
+            )
+        )
+    return buckets

@@ -1,0 +1,512 @@
+"""PreSAM: the one optimizer core behind SAM, ASAM, InfoSAM, VaSSO and FisherSAM.
+
+It owns the param groups (shared with the base optimizer), the buckets, the
+two-step protocol and the state_dict; it never does elementwise math itself:
+each step it gathers the bucket tables and calls the backend's verbs.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch.optim import Optimizer
+
+from .. import backends
+from ..buckets import build_buckets
+from ..preconditioners import Constraint, Objective, Preconditioner, check_finite_number
+from . import amp
+
+# Keys of ours in optimizer.state[p], beside the base optimizer's own keys
+# (exp_avg, momentum_buffer, ...): chosen so that they cannot collide.
+GRAD_EMA = "grad_ema"
+# Saved in the state_dict only: whether the EMA has had a successful step.
+GRAD_EMA_READY = "grad_ema_ready"
+# Keys a checkpoint of the common SAM wrapper holds per parameter: transient.
+_COMMON_WRAPPER_KEYS = frozenset({"old_p", "e_w"})
+
+_STEP_WITHOUT_CLOSURE = (
+    "{cls}.step() needs a closure that runs the forward and backward pass, because "
+    "sharpness-aware minimization evaluates the gradient twice. Either call "
+    "opt.step(closure) with closure() doing loss = loss_fn(model(x), y); loss.backward(); "
+    "return loss, or use the two-step API: loss.backward(); opt.first_step(zero_grad=True); "
+    "loss_fn(model(x), y).backward(); opt.second_step(zero_grad=True)."
+)
+
+
+def _split_names(params):
+    """(groups as a list of dicts with plain tensors, names per tensor or None)."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params must be an iterable of tensors, of (name, tensor) pairs or of dicts, "
+            f"got a single {type(params).__name__}; wrap it in a list"
+        )
+    items = list(params)
+    if not items:
+        raise ValueError("params is empty: the optimizer got no parameters to optimize")
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    out, names = [], []
+    for group in groups:
+        if not isinstance(group, dict):
+            raise TypeError("params must be all dicts (param groups) or no dicts at all")
+        group = dict(group)
+        members = group["params"]
+        members = [members] if isinstance(members, torch.Tensor) else list(members)
+        plain = []
+        for m in members:
+            if isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str):
+                names.append(m[0])
+                plain.append(m[1])
+            else:
+                names.append(None)
+                plain.append(m)
+        group["params"] = plain
+        out.append(group)
+    return out, names
+
+
+def _check_rho(value, where="rho"):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{where} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = float(value)  # construction and load time only, never inside a step
+    check_finite_number(where, value, low=0.0, hint="; use rho >= 0 (rho = 0 disables the perturbation)")
+
+
+class PreSAM(Optimizer):
+    """Sharpness-aware minimization with an objective and a constraint preconditioner.
+
+    One step: g = grad f(x); u = D^-1 g; e = rho c^2 u / (||c u|| + eps_norm)
+    with one global norm over every parameter that has a gradient; the second
+    gradient is taken at x + e; x is restored exactly and ``base_optimizer``
+    steps with that gradient.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``)
+            or param groups; a group may set its own ``rho``.
+        base_optimizer: an optimizer class (built on our param groups with
+            ``**base_kwargs``) or an optimizer instance.
+        rho: radius of the ball ||C e|| <= rho.
+        objective: ``"gradient"`` (u = g), ``"ema"`` (VaSSO, weight ``theta``
+            on the new gradient) or ``"info"`` (infoSAM, weight ``alpha`` on
+            the old EMA, floor ``delta``).
+        constraint: ``"none"`` (c = 1), ``"adaptive"`` (c = |x|),
+            ``"asam"`` (c = |x| + eta on weights, 1 elsewhere) or
+            ``"fisher"`` (c = 1 / sqrt(1 + eta g^2)).
+        eps_norm: added to the norm after the square root.
+        flatten: re-point parameters and gradients into one flat buffer per
+            (device, dtype); gradients then stay allocated (``zero_grad``
+            zeroes them in one op).
+        backend: ``"auto"``, ``"eager"`` or ``"triton"``; ``PRESAM_BACKEND``
+            overrides ``"auto"``.
+        is_weight: ``is_weight(name, tensor) -> bool``, which tensors are
+            weights for the ASAM constraint. Default: the name contains
+            "weight" when names are given, else ``tensor.ndim >= 2``.
+    """
+
+    def __init__(
+        self,
+        params,
+        base_optimizer,
+        rho: float = 0.05,
+        *,
+        objective: str = "gradient",
+        constraint: str = "none",
+        alpha: float = 0.9,
+        theta: float = 0.9,
+        delta: float = 1e-12,
+        eta: float | None = None,
+        eps_norm: float = 1e-12,
+        flatten: bool = False,
+        backend: str = "auto",
+        is_weight: Callable | None = None,
+        _extra_defaults: dict | None = None,
+        **base_kwargs,
+    ):
+        try:
+            objective = Objective(objective)
+        except ValueError:
+            raise ValueError(f"objective must be one of {[o.value for o in Objective]}, got {objective!r}") from None
+        try:
+            constraint = Constraint(constraint)
+        except ValueError:
+            raise ValueError(f"constraint must be one of {[c.value for c in Constraint]}, got {constraint!r}") from None
+        _check_rho(rho)
+        check_finite_number("eps_norm", eps_norm, low=0.0, hint="; the default is 1e-12")
+        if objective is Objective.INFO:
+            check_finite_number("alpha", alpha, low=0.0, high=1.0, high_open=True, hint="; infoSAM uses about 0.9")
+            check_finite_number("delta", delta, low=0.0, low_open=True, hint="; the default is 1e-12")
+        if objective is Objective.EMA:
+            check_finite_number("theta", theta, low=0.0, high=1.0, low_open=True, hint="; theta = 1 is plain SAM")
+        if eta is None:
+            eta = 1.0 if constraint is Constraint.FISHER else 0.01
+        check_finite_number("eta", eta, low=0.0)
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
+        if not isinstance(flatten, bool):
+            raise TypeError(f"flatten must be True or False, got {flatten!r}")
+
+        groups, names = _split_names(params)
+        for k, group in enumerate(groups):
+            if "rho" in group:
+                _check_rho(group["rho"], where=f"param_groups[{k}]['rho']")
+        defaults = {"rho": rho, **(_extra_defaults or {})}
+        ema_weight = {Objective.INFO: 1.0 - alpha, Objective.EMA: theta}.get(objective, 1.0)
+        self.preconditioner = Preconditioner(objective, constraint, ema_weight, delta, eta, eps_norm)
+        self.flatten = flatten
+        self.backend_choice = backend
+
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    f"base_optimizer is an instance, so these arguments have nowhere to go: "
+                    f"{sorted(base_kwargs)}; pass them to the base optimizer yourself or pass its class"
+                )
+            if len(groups) != 1 or groups[0]["params"] and not _same_params(groups[0]["params"], base_optimizer):
+                raise ValueError(
+                    "base_optimizer is an instance: params must be exactly its parameters "
+                    "(pass base_optimizer.param_groups' parameters, or pass the class instead)"
+                )
+            super().__init__(base_optimizer.param_groups, defaults)
+            self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            super().__init__(groups, defaults)
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
+                f"or instance, got {base_optimizer!r}"
+            )
+        # One list of groups and one state dict for both optimizers, so schedulers,
+        # state_dict and checkpointing tools see a single optimizer.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+        self._names = {}
+        for p, n in zip((p for g in self.param_groups for p in g["params"]), names if len(names) else []):
+            self._names[p] = n
+        self._is_weight_fn = is_weight
+        self._buckets = None
+        self._layout = None
+        self._pending = None  # tables perturbed by first_step, awaiting second_step
+        self._first_found_inf = None
+        self._host_ema_started = False
+        self._ema_ready = {}  # device -> 0-d fp32 tensor, 1.0 once the EMA had a finite step
+        self.skipped_steps = None  # device tensor, created on the first step
+        self.last_perturbation_norm = None
+        if flatten:
+            self._ensure_buckets()
+
+    # -- parameters and buckets --------------------------------------------
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _weight_flag(self, p) -> bool:
+        if self.preconditioner.constraint is not Constraint.ASAM:
+            return True
+        name = self._names.get(p)
+        if self._is_weight_fn is not None:
+            return bool(self._is_weight_fn(name, p))
+        if name is not None:
+            return "weight" in name
+        return p.ndim >= 2
+
+    def _layout_key(self):
+        return tuple((id(p), p.device, p.dtype) for p in self._params())
+
+    def _ensure_buckets(self):
+        """The buckets, rebuilt when parameters were added or moved to another
+        device or dtype (the EMA state travels with its parameter); with
+        flatten=True, a parameter or gradient found replaced is copied back in."""
+        key = self._layout_key()
+        if self._buckets is not None and key == self._layout:
+            if self.flatten:
+                for bucket in self._buckets:
+                    for i in range(len(bucket.params)):
+                        if not bucket.in_place(i):
+                            bucket.readopt(i)
+            return self._buckets
+        old_ema = {p: self.state[p][GRAD_EMA].detach().clone() for p in self._params()
+                   if GRAD_EMA in self.state.get(p, {})}
+        params, group_index = [], []
+        for k, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise ValueError("sparse parameters are not supported; use dense parameters")
+                params.append(p)
+                group_index.append(k)
+        self._buckets = build_buckets(params, group_index, [self._weight_flag(p) for p in params], self.flatten)
+        self._layout = key
+        self._backend = backends.get(backends.resolve(self.backend_choice, [b.device for b in self._buckets]))
+        self._attach_state_views(old_ema)
+        return self._buckets
+
+    def _attach_state_views(self, values=None):
+        """Point optimizer.state[p][GRAD_EMA] at p's slice of the flat EMA,
+        copying in ``values[p]`` where given."""
+        if not self.preconditioner.objective.has_state:
+            return
+        with torch.no_grad():
+            for bucket in self._buckets:
+                ema = bucket.ensure_grad_ema()
+                for i, p in enumerate(bucket.params):
+                    view = bucket.view(ema, i)
+                    if values and p in values:
+                        view.copy_(values[p])
+                    self.state[p][GRAD_EMA] = view
+
+    @property
+    def backend(self) -> str:
+        """The backend in use ("eager" or "triton")."""
+        self._ensure_buckets()
+        return self._backend.name
+
+    # -- checks -------------------------------------------------------------
+    def _group_rhos(self):
+        rhos, perturbed = [], []
+        for k, group in enumerate(self.param_groups):
+            rho = group.get("rho")
+            if rho is None:
+                raise KeyError(f"param_groups[{k}] has no 'rho'; set it (the optimizer default is {self.defaults['rho']})")
+            if isinstance(rho, torch.Tensor):
+                perturbed.append(True)  # a device tensor is never read on the host
+            else:
+                check_finite_number(f"param_groups[{k}]['rho']", rho, low=0.0, hint="; use rho >= 0")
+                perturbed.append(rho != 0)
+            rhos.append(rho)
+        return rhos, perturbed
+
+    @staticmethod
+    def _check_grads(tables):
+        for table in tables:
+            for g in table.grads:
+                if g.is_sparse:
+                    raise RuntimeError(
+                        "sharpness-aware optimizers do not support sparse gradients; "
+                        "use dense embeddings (sparse=False)"
+                    )
+
+    # -- the two steps ------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, grad_scaler=None):
+        """x <- x + e (the adversarial point), saving x; call after the first backward."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "first_step() was called twice in a row; call second_step() (or restore()) "
+                "after the second backward before the next first_step()"
+            )
+        rhos, perturbed = self._group_rhos()
+        buckets = self._ensure_buckets()
+        tables = [b.table(perturbed) for b in buckets]
+        self._check_grads(tables)
+        scaler = amp.active(grad_scaler)
+        found_inf = amp.unscale_first_pass(self, scaler, tables, self._backend) if scaler else None
+
+        spec = self.preconditioner
+        first = True
+        if spec.objective.has_state:
+            if self._host_ema_started:
+                first = 1.0 - self._ready_flag(buckets[0].device)
+            if scaler is not None:
+                for b in buckets:
+                    b.ensure_grad_ema_prev().copy_(b.grad_ema)
+                self._ema_ready_before = {d: f.clone() for d, f in self._ema_ready.items()}
+        norm, skipped = self._backend.perturb(tables, buckets, spec, rhos, first, found_inf)
+
+        if spec.objective.has_state:
+            flag = self._ready_flag(norm.device)
+            torch.maximum(flag, (~skipped).float(), out=flag)
+            self._host_ema_started = True
+        self._count_skip(skipped)
+        self.last_perturbation_norm = norm
+        self._first_found_inf = skipped if scaler is not None else None
+        self._pending = tables
+        if zero_grad:
+            self.zero_grad()
+
+    def _ready_flag(self, device):
+        if device not in self._ema_ready:
+            self._ema_ready[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return self._ema_ready[device]
+
+    def _count_skip(self, skipped):
+        if self.skipped_steps is None:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=skipped.device)
+        self.skipped_steps += skipped.to(self.skipped_steps.device)
+
+    @torch.no_grad()
+    def _second_step(self, zero_grad: bool = False, grad_scaler=None):
+        if self._pending is None:
+            raise RuntimeError(
+                "second_step() was called without first_step(); the order is: backward, "
+                "first_step(), backward at the perturbed point, second_step()"
+            )
+        scaler = amp.active(grad_scaler)
+        if scaler is not None and self._first_found_inf is None:
+            raise RuntimeError(
+                "second_step() got grad_scaler but first_step() did not; pass the same "
+                "GradScaler to both steps"
+            )
+        found_second = amp.unscale_second_pass(self, scaler, self._pending) if scaler else None
+        self._backend.restore(self._pending)
+        self._pending = None
+        if scaler is not None:
+            # Host read of the scaler's own flags, as GradScaler.step does.
+            first_bad = bool(self._first_found_inf)
+            second_bad = bool(found_second.sum() > 0)
+            amp.record_found_inf(self, scaler, self._first_found_inf, found_second)
+            self._first_found_inf = None
+            if second_bad and not first_bad:
+                self._roll_back_ema()
+                self._count_skip(torch.ones((), dtype=torch.bool, device=self.skipped_steps.device))
+            if first_bad or second_bad:
+                if zero_grad:
+                    self.zero_grad()
+                return
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def _roll_back_ema(self):
+        if not self.preconditioner.objective.has_state:
+            return
+        for b in self._buckets:
+            b.grad_ema.copy_(b.grad_ema_prev)
+        for device, flag in self._ema_ready_before.items():
+            self._ema_ready[device].copy_(flag)
+
+    def second_step(self, zero_grad: bool = False, grad_scaler=None):
+        """Restore x exactly and let the base optimizer step with the gradient
+        taken at x + e; counts as the optimizer's step (hooks, schedulers)."""
+        return self._hooked_second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
+
+    @Optimizer.profile_hook_step
+    def _hooked_second_step(self, zero_grad=False, grad_scaler=None):
+        self._opt_called = True  # what LR schedulers check to see that the optimizer stepped
+        return self._second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
+
+    def step(self, closure=None):
+        """One full SAM step driven by ``closure`` (forward + backward, returns the loss).
+
+        When gradients are present the first backward is taken as done (as the
+        common SAM wrapper assumes); otherwise the closure runs first (as
+        Lightning and accelerate expect). Returns the loss at x when the
+        closure computed it, else the loss at x + e.
+        """
+        if closure is None:
+            raise RuntimeError(_STEP_WITHOUT_CLOSURE.format(cls=type(self).__name__))
+        closure = torch.enable_grad()(closure)
+        loss = None
+        if not any(p.grad is not None for p in self._params()):
+            loss = closure()
+        self.first_step(zero_grad=True)
+        second_loss = closure()
+        self._second_step()
+        return second_loss if loss is None else loss
+
+    @torch.no_grad()
+    def restore(self):
+        """Put the parameters back at x after a failed second pass (for example
+        out of memory) and forget the pending step. A no-op without one."""
+        if self._pending is not None:
+            self._backend.restore(self._pending)
+            self._pending = None
+            self._first_found_inf = None
+
+    def zero_grad(self, set_to_none: bool | None = None):
+        """As torch's, except that with ``flatten=True`` the default keeps the
+        gradients allocated and zeroes them in one op per bucket."""
+        if set_to_none is None:
+            set_to_none = not self.flatten
+        if self.flatten and not set_to_none and self._buckets is not None:
+            for b in self._buckets:
+                b.zero_flat_grad()
+            return
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group):
+        if not hasattr(self, "base_optimizer"):  # called from Optimizer.__init__
+            return super().add_param_group(param_group)
+        groups, names = _split_names([param_group])
+        group = groups[0]
+        if "rho" in group:
+            _check_rho(group["rho"], where="param_group['rho']")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        self.base_optimizer.add_param_group(group)
+        for p, n in zip(group["params"], names):
+            self._names[p] = n
+        self._ensure_buckets()
+
+    # -- state_dict ---------------------------------------------------------
+    def state_dict(self):
+        """torch's {state, param_groups}, with the base optimizer's entries and
+        ours side by side per parameter; our entries are copies of each
+        parameter's slice (never the whole flat buffer)."""
+        sd = super().state_dict()
+        if self.preconditioner.objective.has_state:
+            params = self._params()
+            for index, entry in sd["state"].items():
+                if GRAD_EMA in entry:
+                    entry[GRAD_EMA] = entry[GRAD_EMA].clone()
+                    p = params[index]
+                    entry[GRAD_EMA_READY] = self._ready_flag(p.device).clone()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Load a state_dict of this class, or of the common SAM wrapper (its
+        transient per-parameter entries are dropped; it holds no base state)."""
+        state_dict = {"state": dict(state_dict["state"]), "param_groups": state_dict["param_groups"]}
+        ours = {}
+        for index, entry in list(state_dict["state"].items()):
+            entry = dict(entry)
+            transient = _COMMON_WRAPPER_KEYS & entry.keys()
+            if transient:
+                for k in transient:
+                    entry.pop(k)
+            mine = {k: entry.pop(k) for k in (GRAD_EMA, GRAD_EMA_READY) if k in entry}
+            if mine:
+                ours[index] = mine
+            if entry:
+                state_dict["state"][index] = entry
+            else:
+                state_dict["state"].pop(index)
+        if ours and not self.preconditioner.objective.has_state:
+            raise ValueError(
+                f"this state_dict holds '{GRAD_EMA}' entries (saved by InfoSAM or VaSSO) but "
+                f"{type(self).__name__} keeps no EMA; load it into the optimizer class that saved it"
+            )
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._pending = None
+        self._ensure_buckets()
+        params = self._params()
+        self._attach_state_views({params[i]: mine[GRAD_EMA] for i, mine in ours.items() if GRAD_EMA in mine})
+        for index, mine in ours.items():
+            if GRAD_EMA_READY in mine:
+                p = params[index]
+                self._ready_flag(p.device).copy_(mine[GRAD_EMA_READY])
+                self._host_ema_started = True
+
+    def __repr__(self):
+        spec = self.preconditioner
+        return (
+            f"{type(self).__name__}(objective={spec.objective.value}, constraint={spec.constraint.value}, "
+            f"base={type(self.base_optimizer).__name__}, groups={len(self.param_groups)}, "
+            f"flatten={self.flatten}, backend={self.backend_choice})"
+        )
+
+
+def _same_params(params, optimizer) -> bool:
+    theirs = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return {id(p) for p in params} == theirs
+
+
+__all__ = ["PreSAM", "GRAD_EMA"]
+_ = math
+_ = warnings
