@@ -24,6 +24,19 @@ def _round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+def local(t):
+    """The local shard of a DTensor (sharing its storage), else t itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
     """The strides a slice of a flat buffer gets: the tensor's own when it is
     dense (so channels_last stays channels_last), contiguous otherwise."""
@@ -61,6 +74,9 @@ class Table:
     group_index: list
     is_weight: list
     perturbed: list
+    # For DTensor buckets: maps this table's local sum of squares to the sum
+    # over the whole mesh (replicas counted once); None for plain tensors.
+    reduce_sum_of_squares: object = None
 
     def __len__(self):
         return len(self.params)
@@ -83,6 +99,9 @@ class Bucket:
     group_index: list
     is_weight: list
     flatten: bool
+    mesh: object = None  # DTensor parameters: their device mesh and placements
+    placements: tuple | None = None
+    shapes: list = field(default_factory=list)
     strides: list = field(default_factory=list)
     offsets: list = field(default_factory=list)
     numel: int = 0
@@ -95,18 +114,39 @@ class Bucket:
     def __post_init__(self):
         offset = 0
         for p in self.params:
-            self.strides.append(_dense_strides(p))
+            shard = local(p)
+            self.shapes.append(shard.shape)
+            self.strides.append(_dense_strides(shard))
             self.offsets.append(offset)
-            offset = _round_up(offset + p.numel(), SLICE_ALIGN)
+            offset = _round_up(offset + shard.numel(), SLICE_ALIGN)
         self.numel = offset
         if self.flatten:
+            if self.mesh is not None:
+                raise ValueError("flatten=True does not support DTensor (FSDP2) parameters; use flatten=False")
             self._flatten_params()
 
     # -- views -----------------------------------------------------------
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         """Parameter i's slice of ``flat``, shaped and strided like the parameter."""
+        return flat.as_strided(self.shapes[i], self.strides[i], flat.storage_offset() + self.offsets[i])
+
+    def state_view(self, flat: torch.Tensor, i: int):
+        """As ``view``, wrapped as a DTensor sharded like the parameter when it is one."""
+        shard = self.view(flat, i)
+        if self.mesh is None:
+            return shard
+        from torch.distributed.tensor import DTensor
+
         p = self.params[i]
-        return flat.as_strided(p.shape, self.strides[i], flat.storage_offset() + self.offsets[i])
+        return DTensor.from_local(shard, self.mesh, self.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+    def sum_over_mesh(self, local_sum: torch.Tensor) -> torch.Tensor:
+        """Sum a per-rank partial over the mesh dims the parameters are sharded
+        on, but not over replicated dims (HSDP), which would count replicas twice."""
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        placements = [Partial("sum") if pl.is_shard() else Replicate() for pl in self.placements]
+        return DTensor.from_local(local_sum, self.mesh, placements, run_check=False).full_tensor()
 
     def new_flat(self, dtype=None) -> torch.Tensor:
         # Zeros, not empty: the gaps between slices must stay harmless
@@ -137,10 +177,10 @@ class Bucket:
             view = self.view(self.flat_param, i)
             view.copy_(p.detach())
             p.data = view
-            grad_view = self.view(self.flat_grad, i)
-            if p.grad is not None:
+            if p.grad is not None:  # a missing gradient stays missing, as in torch
+                grad_view = self.view(self.flat_grad, i)
                 grad_view.copy_(p.grad)
-            p.grad = grad_view
+                p.grad = grad_view
 
     def readopt(self, i: int) -> bool:
         """flatten=True: bring parameter i (and its gradient) back into the flat
@@ -171,10 +211,12 @@ class Bucket:
         return g is None or g.data_ptr() == self.flat_grad.data_ptr() + self.offsets[i] * self.flat_grad.element_size()
 
     def zero_flat_grad(self):
-        """flatten=True: zero every gradient in one op and keep them allocated."""
+        """flatten=True: zero every gradient in one op and keep them allocated;
+        a gradient found replaced is pointed back at its zeroed slice, and a
+        parameter that never had one keeps none (so it joins no step)."""
         self.flat_grad.zero_()
         for i, p in enumerate(self.params):
-            if p.grad is None:
+            if p.grad is not None and not self.in_place(i):
                 p.grad = self.view(self.flat_grad, i)
 
     # -- the per-step table ---------------------------------------------
@@ -187,15 +229,16 @@ class Bucket:
         if self.flatten:
             return self._merged_table(rows, group_perturbed)
         return Table(
-            params=[self.params[i] for i in rows],
-            grads=[self.params[i].grad for i in rows],
+            params=[local(self.params[i]) for i in rows],
+            grads=[local(self.params[i].grad) for i in rows],
             backups=[self.view(backup, i) for i in rows],
             grad_emas=None if ema is None else [self.view(ema, i) for i in rows],
             offsets=[self.offsets[i] for i in rows],
-            lengths=[self.params[i].numel() for i in rows],
+            lengths=[self.shapes[i].numel() for i in rows],
             group_index=[self.group_index[i] for i in rows],
             is_weight=[self.is_weight[i] for i in rows],
             perturbed=[group_perturbed[self.group_index[i]] for i in rows],
+            reduce_sum_of_squares=None if self.mesh is None else self.sum_over_mesh,
         )
 
     def _merged_table(self, rows, group_perturbed) -> Table:
@@ -232,9 +275,12 @@ def build_buckets(params, group_index, is_weight, flatten: bool) -> list:
     (group, weight flag) so that a bucket's rows merge into as few as possible."""
     by_key: dict = {}
     for p, g, w in zip(params, group_index, is_weight):
-        by_key.setdefault((p.device, p.dtype), []).append((p, g, w))
+        mesh = placements = None
+        if _is_dtensor(p):
+            mesh, placements = p.device_mesh, tuple(p.placements)
+        by_key.setdefault((p.device, p.dtype, mesh, placements), []).append((p, g, w))
     buckets = []
-    for (device, dtype), members in by_key.items():
+    for (device, dtype, mesh, placements), members in by_key.items():
         if flatten:
             members.sort(key=lambda m: (m[1], not m[2]))
         buckets.append(
@@ -245,6 +291,8 @@ def build_buckets(params, group_index, is_weight, flatten: bool) -> list:
                 group_index=[m[1] for m in members],
                 is_weight=[m[2] for m in members],
                 flatten=flatten,
+                mesh=mesh,
+                placements=placements,
             )
         )
     return buckets

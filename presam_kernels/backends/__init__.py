@@ -17,10 +17,11 @@ def triton_available() -> bool:
     return True
 
 
-def resolve(choice: str, devices) -> str:
+def resolve(choice: str, devices, sharded: bool = False) -> str:
     """The backend name for ``choice`` ("auto", "eager", "triton") on ``devices``.
 
-    ``PRESAM_BACKEND`` overrides "auto" only.
+    ``PRESAM_BACKEND`` overrides "auto" only.  DTensor (sharded) parameters
+    take the eager path whatever the choice: their norm needs a collective.
     """
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
@@ -28,6 +29,8 @@ def resolve(choice: str, devices) -> str:
         choice = os.environ.get("PRESAM_BACKEND", "auto") or "auto"
         if choice not in BACKENDS:
             raise ValueError(f"PRESAM_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    if sharded:
+        return "eager"
     if choice == "auto":
         on_cuda = any(d.type == "cuda" for d in devices)
         choice = "triton" if on_cuda and triton_available() and _triton_backend_built() else "eager"

@@ -3,7 +3,9 @@
 Every verb works on the per-bucket ``Table``s with ``torch._foreach_*`` ops,
 one call per op over all rows (one row per bucket and group when flattened).
 Scalars that depend on the data (the norm, the scale, the overflow flag, the
-EMA-ready flag) stay device tensors: nothing here reads a tensor on the host.
+EMA-ready flag) stay device tensors: on an accelerator nothing here reads a
+tensor on the host.  On the CPU, which runs ops synchronously, the overflow
+flag is read to skip a pass: there is no device queue to stall.
 
 Notation of DESIGN.md section 1: g gradient, m EMA state, u direction,
 c constraint diagonal, e = rho * c^2 * u / (||c u|| + eps_norm).
@@ -25,10 +27,12 @@ def _direction(spec: Preconditioner, g, m, first):
     """u (possibly scaled by delta, see below) and the EMA's next value m_new.
 
     ``first`` is True when the host knows no EMA step has happened yet, else a
-    0-d fp32 tensor (1.0 = no successful EMA step yet) so that a skipped first
-    step (non-finite gradients) is handled without a host read.
+    0-d fp32 tensor (1.0 = no successful EMA step yet; False when known ready)
+    so that a skipped first step (non-finite gradients) needs no host read.
     infoSAM evaluates u' = delta * u = g / (1 + belief / delta): e does not
     change when u is scaled, and g / belief overflows fp32 (DESIGN.md).
+    The returned lists are fresh tensors the caller may overwrite, except
+    that u may be g itself (the gradient objective, or the first step).
     """
     if spec.objective is Objective.GRADIENT:
         return g, None
@@ -44,12 +48,13 @@ def _direction(spec: Preconditioner, g, m, first):
     alpha = 1.0 - spec.ema_weight
     gap = torch._foreach_sub(m, g)
     torch._foreach_mul_(gap, alpha * (1.0 - first))  # zero on the first step: m_new = g
-    m_new = torch._foreach_add(g, gap)
-    belief = torch._foreach_mul(gap, gap)
-    torch._foreach_mul_(belief, (1.0 - first) / spec.delta)  # first step: belief / delta -> 0, u = g
-    torch._foreach_add_(belief, 1.0)
-    u = torch._foreach_div(g, belief)
-    return u, m_new
+    u = torch._foreach_mul(gap, gap)  # belief
+    torch._foreach_mul_(u, (1.0 - first) / spec.delta)  # first step: belief / delta -> 0, u = g
+    torch._foreach_add_(u, 1.0)
+    torch._foreach_reciprocal_(u)
+    torch._foreach_mul_(u, g)  # u' = g / (1 + belief / delta)
+    torch._foreach_add_(gap, g)  # m_new = g + alpha * (m_old - g)
+    return u, gap
 
 
 def _constraint(spec: Preconditioner, table, g):
@@ -105,17 +110,19 @@ def unscale_(tables, inv_scale, found_inf):
 def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     """x <- x + e for every row (one global norm over all tables), backup <- x,
     EMA <- m_new.  A non-finite norm or ``found_inf`` > 0 perturbs nothing and
-    keeps the EMA.  Returns (norm, skipped) as 0-d fp32 device tensors."""
+    keeps the EMA.  Returns (norm, skipped) as 0-d fp32/bool device tensors."""
     device = buckets[0].device
-    work = []
-    partials = []
+    work, partials = [], []
     for table in tables:
         g = _fp32(table.grads)
         u, m_new = _direction(spec, g, table.grad_emas, first)
         c = _constraint(spec, table, g)
         cu = _mul_where(c, u)
         work.append((c, cu, m_new))
-        partials.append(_sum_of_squares(cu, table.params[0].device if len(table) else device).to(device))
+        partial = _sum_of_squares(cu, table.params[0].device if len(table) else buckets[0].device)
+        if table.reduce_sum_of_squares is not None:
+            partial = table.reduce_sum_of_squares(partial)
+        partials.append(partial.to(device))
     norm = torch.stack(partials).sum().sqrt()
     skipped = ~torch.isfinite(norm)
     if found_inf is not None:
@@ -125,29 +132,52 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
         eps = spec.eps_norm * (first + (1.0 - first) * spec.delta)
     scale = torch.where(skipped, 0.0, 1.0 / (norm + eps))
 
-    for table, bucket, (c, cu, m_new) in zip(tables, buckets, work):
-        if not len(table):
-            continue
-        local_scale = scale.to(table.params[0].device)
-        local_skip = skipped.to(local_scale.device)
-        if m_new is not None:
-            for m, new in zip(table.grad_emas, m_new):
-                torch.where(local_skip, m, new, out=m)
-        rows = [i for i in range(len(table)) if table.perturbed[i]]
-        if not rows:
-            continue
-        params = [table.params[i] for i in rows]
-        torch._foreach_copy_([table.backups[i] for i in rows], params)
-        e = _mul_where([c[i] for i in rows], [cu[i] for i in rows])
-        # scale = rho * (1 / (norm + eps)) per row, as a device tensor.
-        factors = [local_scale * rhos[table.group_index[i]] for i in rows]
-        e = torch._foreach_mul(e, factors)
-        if bucket.dtype == torch.float32:
-            torch._foreach_add_(params, e)
-        else:
-            for p, ei in zip(params, e):
-                p.copy_(p.float().add_(ei))
+    for table, (c, cu, m_new) in zip(tables, work):
+        if len(table):
+            _apply(table, c, cu, m_new, scale, skipped, rhos)
     return norm, skipped
+
+
+def _apply(table, c, cu, m_new, scale, skipped, rhos):
+    """One table's share of the step: EMA <- m_new, backup <- x, x <- x + e,
+    unless ``skipped``."""
+    device = table.params[0].device
+    skipped = skipped.to(device)
+    # A CPU runs ops synchronously, so reading the flag stalls nothing there;
+    # elsewhere the flag stays on the device and selects element-wise.
+    on_host = device.type == "cpu"
+    skip_now = on_host and bool(skipped)
+    if m_new is not None and not skip_now:
+        if on_host:
+            torch._foreach_copy_(table.grad_emas, m_new)
+        else:
+            for m, new in zip(table.grad_emas, m_new):
+                torch.where(skipped, m, new, out=m)
+    rows = [i for i in range(len(table)) if table.perturbed[i]]
+    if not rows:
+        return
+    params = [table.params[i] for i in rows]
+    backups = [table.backups[i] for i in rows]
+    torch._foreach_copy_(backups, params)
+    if skip_now:
+        return
+    # e = (rho * scale) * c * (c u): one fused multiply-add into x per row,
+    # in fp32 whatever x's dtype, with no temporary (CPU: a fresh 100 MB
+    # temporary costs more in page faults than the whole add).
+    factor = {k: scale.to(device) * rhos[k] for k in {table.group_index[i] for i in rows}}
+    plain = [i for i in rows if c[i] is None]
+    if plain:
+        torch._foreach_addcmul_(
+            [table.params[i] for i in plain], [cu[i] for i in plain], [factor[table.group_index[i]] for i in plain]
+        )
+    scaled = [i for i in rows if c[i] is not None]
+    if scaled:
+        torch._foreach_mul_([cu[i] for i in scaled], [factor[table.group_index[i]] for i in scaled])
+        torch._foreach_addcmul_([table.params[i] for i in scaled], [c[i] for i in scaled], [cu[i] for i in scaled])
+    if not on_host:
+        # 0 * inf is NaN: a skipped step must leave x as it was, bit for bit.
+        for p, b in zip(params, backups):
+            torch.where(skipped, b, p, out=p)
 
 
 def restore(tables):

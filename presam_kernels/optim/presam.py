@@ -6,15 +6,14 @@ each step it gathers the bucket tables and calls the backend's verbs.
 """
 from __future__ import annotations
 
-import math
-import warnings
+import sys
 from typing import Callable
 
 import torch
 from torch.optim import Optimizer
 
 from .. import backends
-from ..buckets import build_buckets
+from ..buckets import build_buckets, local
 from ..preconditioners import Constraint, Objective, Preconditioner, check_finite_number
 from . import amp
 
@@ -182,6 +181,8 @@ class PreSAM(Optimizer):
         # state_dict and checkpointing tools see a single optimizer.
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        # Schedulers read hyperparameters from defaults (OneCycleLR: momentum or betas).
+        self.defaults = {**self.base_optimizer.defaults, **self.defaults}
 
         self._names = {}
         for p, n in zip((p for g in self.param_groups for p in g["params"]), names if len(names) else []):
@@ -238,7 +239,10 @@ class PreSAM(Optimizer):
                 group_index.append(k)
         self._buckets = build_buckets(params, group_index, [self._weight_flag(p) for p in params], self.flatten)
         self._layout = key
-        self._backend = backends.get(backends.resolve(self.backend_choice, [b.device for b in self._buckets]))
+        sharded = any(b.mesh is not None for b in self._buckets)
+        self._backend = backends.get(
+            backends.resolve(self.backend_choice, [b.device for b in self._buckets], sharded=sharded)
+        )
         self._attach_state_views(old_ema)
         return self._buckets
 
@@ -251,10 +255,9 @@ class PreSAM(Optimizer):
             for bucket in self._buckets:
                 ema = bucket.ensure_grad_ema()
                 for i, p in enumerate(bucket.params):
-                    view = bucket.view(ema, i)
                     if values and p in values:
-                        view.copy_(values[p])
-                    self.state[p][GRAD_EMA] = view
+                        bucket.view(ema, i).copy_(local(values[p]))
+                    self.state[p][GRAD_EMA] = bucket.state_view(ema, i)
 
     @property
     def backend(self) -> str:
@@ -277,15 +280,13 @@ class PreSAM(Optimizer):
             rhos.append(rho)
         return rhos, perturbed
 
-    @staticmethod
-    def _check_grads(tables):
-        for table in tables:
-            for g in table.grads:
-                if g.is_sparse:
-                    raise RuntimeError(
-                        "sharpness-aware optimizers do not support sparse gradients; "
-                        "use dense embeddings (sparse=False)"
-                    )
+    def _check_grads(self):
+        for p in self._params():
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(
+                    "sharpness-aware optimizers do not support sparse gradients; "
+                    "use dense gradients (e.g. nn.Embedding(..., sparse=False))"
+                )
 
     # -- the two steps ------------------------------------------------------
     @torch.no_grad()
@@ -297,9 +298,9 @@ class PreSAM(Optimizer):
                 "after the second backward before the next first_step()"
             )
         rhos, perturbed = self._group_rhos()
+        self._check_grads()
         buckets = self._ensure_buckets()
         tables = [b.table(perturbed) for b in buckets]
-        self._check_grads(tables)
         scaler = amp.active(grad_scaler)
         found_inf = amp.unscale_first_pass(self, scaler, tables, self._backend) if scaler else None
 
@@ -311,7 +312,7 @@ class PreSAM(Optimizer):
             if scaler is not None:
                 for b in buckets:
                     b.ensure_grad_ema_prev().copy_(b.grad_ema)
-                self._ema_ready_before = {d: f.clone() for d, f in self._ema_ready.items()}
+                self._ema_ready_before = {b.device: self._ready_flag(b.device).clone() for b in buckets}
         norm, skipped = self._backend.perturb(tables, buckets, spec, rhos, first, found_inf)
 
         if spec.objective.has_state:
@@ -364,9 +365,23 @@ class PreSAM(Optimizer):
                 if zero_grad:
                     self.zero_grad()
                 return
-        self.base_optimizer.step()
+        self._base_step()
         if zero_grad:
             self.zero_grad()
+
+    def _base_step(self):
+        """base_optimizer.step(), with our entries hidden from per-parameter
+        states that hold nothing else: optimizers such as Adam initialise a
+        parameter's state only when it is empty."""
+        hidden = {}
+        for p, entry in self.state.items():
+            if len(entry) == 1 and GRAD_EMA in entry:
+                hidden[p] = entry.pop(GRAD_EMA)
+        try:
+            self.base_optimizer.step()
+        finally:
+            for p, view in hidden.items():
+                self.state[p][GRAD_EMA] = view
 
     def _roll_back_ema(self):
         if not self.preconditioner.objective.has_state:
@@ -395,6 +410,9 @@ class PreSAM(Optimizer):
         closure computed it, else the loss at x + e.
         """
         if closure is None:
+            if _called_from_checkpoint_state_init():
+                self._init_state_for_checkpoint()
+                return None
             raise RuntimeError(_STEP_WITHOUT_CLOSURE.format(cls=type(self).__name__))
         closure = torch.enable_grad()(closure)
         loss = None
@@ -404,6 +422,14 @@ class PreSAM(Optimizer):
         second_loss = closure()
         self._second_step()
         return second_loss if loss is None else loss
+
+    @torch.no_grad()
+    def _init_state_for_checkpoint(self):
+        """torch.distributed.checkpoint creates optimizer state by calling
+        step() with zero gradients and lr = 0: create ours and the base
+        optimizer's, perturbing nothing."""
+        self._ensure_buckets()
+        self._base_step()
 
     @torch.no_grad()
     def restore(self):
@@ -448,10 +474,12 @@ class PreSAM(Optimizer):
         if self.preconditioner.objective.has_state:
             params = self._params()
             for index, entry in sd["state"].items():
-                if GRAD_EMA in entry:
-                    entry[GRAD_EMA] = entry[GRAD_EMA].clone()
-                    p = params[index]
-                    entry[GRAD_EMA_READY] = self._ready_flag(p.device).clone()
+                if GRAD_EMA in entry:  # a new dict: the live per-parameter state stays as it is
+                    sd["state"][index] = {
+                        **entry,
+                        GRAD_EMA: entry[GRAD_EMA].clone(),
+                        GRAD_EMA_READY: self._ready_flag(params[index].device).clone(),
+                    }
         return sd
 
     def load_state_dict(self, state_dict):
@@ -502,11 +530,23 @@ class PreSAM(Optimizer):
         )
 
 
+def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:
+    """Whether torch.distributed.checkpoint's state initialisation is the caller
+    (through the step wrappers of hooks and schedulers)."""
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return False
+        module = frame.f_globals.get("__name__", "")
+        if frame.f_code.co_name == "_init_optim_state" and module.startswith("torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _same_params(params, optimizer) -> bool:
     theirs = {id(p) for g in optimizer.param_groups for p in g["params"]}
     return {id(p) for p in params} == theirs
 
 
 __all__ = ["PreSAM", "GRAD_EMA"]
-_ = math
-_ = warnings

@@ -1,0 +1,271 @@
+"""state_dict / load_state_dict: one {state, param_groups} dict with the base
+optimizer's entries and ours side by side, per-parameter tensors (never the
+flat buffers, never the backup), loading into the live buffers, bit-identical
+resume, and loading a checkpoint of the common SAM wrapper.
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from presam_kernels import SAM, InfoSAM
+
+MODES = pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batch(k: int, n: int = 16):
+    gen = torch.Generator().manual_seed(4000 + k)
+    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def loss_of(model, b):
+    return F.cross_entropy(model(b[0]), b[1])
+
+
+def two_step(model, opt, b):
+    loss_of(model, b).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, b).backward()
+    opt.second_step(zero_grad=True)
+
+
+VARIANTS = {
+    "SAM+SGD": (lambda params, flatten: SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+                                            flatten=flatten), {"momentum_buffer"}),
+    "InfoSAM+SGD": (lambda params, flatten: InfoSAM(params, torch.optim.SGD, rho=0.05, alpha=0.9, delta=1e-3,
+                                                    lr=0.1, momentum=0.9, flatten=flatten),
+                    {"momentum_buffer", "grad_ema"}),
+    "InfoSAM+Adam": (lambda params, flatten: InfoSAM(params, torch.optim.Adam, rho=0.05, alpha=0.9, delta=1e-3,
+                                                     lr=0.01, flatten=flatten),
+                     {"exp_avg", "exp_avg_sq", "step", "grad_ema"}),
+}
+WITH_EMA = [v for v in VARIANTS if v.startswith("InfoSAM")]
+
+
+def through_disk(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def owns_its_storage(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+# ---------------------------------------------------------------------------
+# layout of the saved dict
+# ---------------------------------------------------------------------------
+@MODES
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_state_dict_holds_base_entries_and_ours_side_by_side_per_parameter(variant, flatten):
+    build, keys = VARIANTS[variant]
+    model = make_model()
+    opt = build(model.parameters(), flatten)
+    for k in range(2):
+        two_step(model, opt, batch(k))
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    params = list(model.parameters())
+    assert sorted(sd["state"]) == list(range(len(params)))
+    assert [i for g in sd["param_groups"] for i in g["params"]] == list(range(len(params)))
+    assert sd["param_groups"][0]["rho"] == 0.05 and "lr" in sd["param_groups"][0]
+    for i, p in enumerate(params):
+        entry = sd["state"][i]
+        assert keys <= set(entry), f"state[{i}] lacks {keys - set(entry)}"
+        assert not any("backup" in k or k in ("old_p", "e_w") for k in entry), f"transient entry saved: {sorted(entry)}"
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                assert owns_its_storage(v), f"state[{i}][{k!r}] is a view of a bigger buffer"
+                if k in opt.state[p]:
+                    assert torch.equal(v, opt.state[p][k])
+        if "grad_ema" in entry:
+            assert entry["grad_ema"].shape == p.shape
+            assert torch.count_nonzero(entry["grad_ema"]) > 0
+
+
+@MODES
+@pytest.mark.parametrize("variant", WITH_EMA)
+def test_saved_grad_ema_is_a_copy_not_the_live_buffer(variant, flatten):
+    build, _ = VARIANTS[variant]
+    model = make_model()
+    opt = build(model.parameters(), flatten)
+    two_step(model, opt, batch(0))
+    live = [opt.state[p]["grad_ema"].clone() for p in model.parameters()]
+    sd = opt.state_dict()
+    for entry in sd["state"].values():
+        entry["grad_ema"].fill_(123.0)
+    for p, v in zip(model.parameters(), live):
+        assert torch.equal(opt.state[p]["grad_ema"], v)
+
+
+@MODES
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_state_dict_leaves_the_live_state_untouched(variant, flatten):
+    build, _ = VARIANTS[variant]
+    model, twin_model = make_model(), make_model()
+    opt, twin = build(model.parameters(), flatten), build(twin_model.parameters(), flatten)
+    two_step(model, opt, batch(0))
+    two_step(twin_model, twin, batch(0))
+    keys = [set(opt.state[p]) for p in model.parameters()]
+    live = [opt.state[p].get("grad_ema") for p in model.parameters()]
+    opt.state_dict()
+    assert [set(opt.state[p]) for p in model.parameters()] == keys, "state_dict() added or removed live entries"
+    for p, view in zip(model.parameters(), live):
+        assert opt.state[p].get("grad_ema") is view, "state_dict() replaced the live grad_ema view"
+    two_step(model, opt, batch(1))
+    two_step(twin_model, twin, batch(1))
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p.detach(), q.detach())
+        for key, value in twin.state[q].items():
+            assert torch.equal(opt.state[p][key], value), f"after state_dict(), state[...][{key!r}] is stale"
+
+
+# ---------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------
+@MODES
+@pytest.mark.parametrize("variant", WITH_EMA)
+def test_load_state_dict_copies_into_the_live_grad_ema_buffers(variant, flatten):
+    build, _ = VARIANTS[variant]
+    src_model = make_model()
+    src = build(src_model.parameters(), flatten)
+    for k in range(2):
+        two_step(src_model, src, batch(k))
+    sd = through_disk(src.state_dict())
+
+    model = make_model(seed=1)
+    model.load_state_dict(src_model.state_dict())
+    opt = build(model.parameters(), flatten)
+    two_step(model, opt, batch(7))  # our buffers exist and hold something else
+    model.load_state_dict(src_model.state_dict())
+    views_before = [opt.state[p]["grad_ema"] for p in model.parameters()]
+    opt.load_state_dict(sd)
+    views_after = [opt.state[p]["grad_ema"] for p in model.parameters()]
+    for i, (before, after) in enumerate(zip(views_before, views_after)):
+        assert torch.equal(after, sd["state"][i]["grad_ema"])
+        assert torch.equal(before, after), "a view taken before load_state_dict went stale"
+
+    # Continue, and compare with a run that never saved anything.
+    twin_model = make_model()
+    twin = build(twin_model.parameters(), flatten)
+    for k in range(3):
+        two_step(twin_model, twin, batch(k))
+    two_step(model, opt, batch(2))
+    for p, q, after in zip(model.parameters(), twin_model.parameters(), views_after):
+        assert torch.equal(after, opt.state[p]["grad_ema"]), "state['grad_ema'] is not the live buffer"
+        assert torch.equal(opt.state[p]["grad_ema"], twin.state[q]["grad_ema"])
+        assert torch.equal(p.detach(), q.detach())
+
+
+@MODES
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resume_from_state_dict_is_bit_identical_to_an_uninterrupted_run(variant, flatten):
+    build, _ = VARIANTS[variant]
+    steps, cut = 5, 2
+
+    model = make_model()
+    opt = build(model.parameters(), flatten)
+    for k in range(steps):
+        two_step(model, opt, batch(k))
+
+    first = make_model()
+    first_opt = build(first.parameters(), flatten)
+    for k in range(cut):
+        two_step(first, first_opt, batch(k))
+    ckpt = through_disk({"model": first.state_dict(), "opt": first_opt.state_dict()})
+    del first, first_opt
+
+    resumed = make_model(seed=123)  # a different init: everything must come from the checkpoint
+    resumed_opt = build(resumed.parameters(), flatten)
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt.load_state_dict(ckpt["opt"])
+    for k in range(cut, steps):
+        two_step(resumed, resumed_opt, batch(k))
+
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p.detach(), q.detach()), f"{name} differs after resuming"
+        assert set(opt.state[p]) == set(resumed_opt.state[q])
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, resumed_opt.state[q][key]), f"state[{name}][{key!r}] differs"
+            else:
+                assert value == resumed_opt.state[q][key]
+
+
+# ---------------------------------------------------------------------------
+# a checkpoint of the common SAM wrapper
+# ---------------------------------------------------------------------------
+class CommonSAM(torch.optim.Optimizer):
+    """A minimal copy of the SAM wrapper most PyTorch code carries."""
+
+    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        grad_norm = torch.norm(torch.stack([
+            ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
+            for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]), p=2)
+        for group in self.param_groups:
+            scale = group["rho"] / (grad_norm + 1e-12)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self.state[p]["old_p"] = p.data.clone()
+                e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
+                p.add_(e_w)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+
+@MODES
+def test_state_dict_of_the_common_sam_wrapper_loads(flatten):
+    theirs_model = make_model()
+    theirs = CommonSAM(theirs_model.parameters(), torch.optim.SGD, rho=0.1, lr=0.05)
+    for k in range(2):
+        two_step(theirs_model, theirs, batch(k))
+    sd = through_disk(theirs.state_dict())
+    assert all("old_p" in entry for entry in sd["state"].values())
+
+    model = make_model(seed=5)
+    model.load_state_dict(theirs_model.state_dict())
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.2, flatten=flatten)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["rho"] == 0.1 and opt.param_groups[0]["lr"] == 0.05
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert not any("old_p" in opt.state[p] for p in model.parameters() if p in opt.state)
+
+    for k in range(2, 4):
+        two_step(model, opt, batch(k))
+        two_step(theirs_model, theirs, batch(k))
+    for (name, p), q in zip(model.named_parameters(), theirs_model.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL, msg=lambda m: f"{name}: {m}")
+    # and ours saves and reloads after that, without their transient entries
+    again = SAM(make_model(seed=9).parameters(), torch.optim.SGD, rho=0.05, lr=0.2, flatten=flatten)
+    again.load_state_dict(through_disk(opt.state_dict()))
+    assert again.param_groups[0]["rho"] == 0.1
