@@ -513,11 +513,14 @@ class PreSAM(Optimizer):
                 group.setdefault(key, value)
         self._pending = None
         self._ensure_buckets()
-        params = self._params()
-        self._attach_state_views({params[i]: mine[GRAD_EMA] for i, mine in ours.items() if GRAD_EMA in mine})
-        for index, mine in ours.items():
+        # Saved keys are whatever the saved groups list (indices, or FQNs when
+        # torch.distributed.checkpoint rekeyed them), in our parameters' order.
+        saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
+        param_of = dict(zip(saved_keys, self._params()))
+        self._attach_state_views({param_of[k]: mine[GRAD_EMA] for k, mine in ours.items() if GRAD_EMA in mine})
+        for key, mine in ours.items():
             if GRAD_EMA_READY in mine:
-                p = params[index]
+                p = param_of[key]
                 self._ready_flag(p.device).copy_(mine[GRAD_EMA_READY])
                 self._host_ema_started = True
 
