@@ -77,14 +77,11 @@ class Table:
     # For DTensor buckets: maps this table's local sum of squares to the sum
     # over the whole mesh (replicas counted once); None for plain tensors.
     reduce_sum_of_squares: object = None
+    # What a backend's perturb leaves for its restore (the Triton launch plan).
+    backend_state: object = None
 
     def __len__(self):
         return len(self.params)
-
-    def select(self, mask):
-        """The sub-table of rows where ``mask`` is true."""
-        pick = lambda xs: None if xs is None else [x for x, keep in zip(xs, mask) if keep]  # noqa: E731
-        return Table(*(pick(getattr(self, f)) for f in Table.__dataclass_fields__))
 
     def addresses(self) -> tuple:
         """Host-side key of the table: changes whenever a tensor moved."""

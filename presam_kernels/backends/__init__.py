@@ -33,20 +33,19 @@ def resolve(choice: str, devices, sharded: bool = False) -> str:
         return "eager"
     if choice == "auto":
         on_cuda = any(d.type == "cuda" for d in devices)
-        choice = "triton" if on_cuda and triton_available() and _triton_backend_built() else "eager"
-    if choice == "triton" and not _triton_backend_built():
-        raise NotImplementedError(
-            "backend='triton' is not available in this build yet; use backend='eager' (or 'auto')"
-        )
+        choice = "triton" if on_cuda and triton_available() else "eager"
+    if choice == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton); or use backend='eager'")
+        from .triton.table import supported_device
+
+        unsupported = sorted({str(d) for d in devices if not supported_device(d)})
+        if unsupported:
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, for "
+                f"testing); these parameters are on {unsupported}: use backend='auto' or 'eager'"
+            )
     return choice
-
-
-def _triton_backend_built() -> bool:
-    try:
-        from . import triton as _  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(_, "perturb")
 
 
 def get(name: str):

@@ -1,1 +1,127 @@
-"""Fused Triton kernels (issue 3)."""
+"""Fused Triton backend (issue 3): the verbs of ``backends.eager``, as three
+multi-tensor kernels per bucket walking a device table of addresses.
+
+``perturb``: K1 (``k1_reduce``) per bucket writes per-program partial sums of
+(c u)^2 into one buffer shared by all buckets; K2 (``k2_perturb``) per bucket
+re-reduces them all into the global norm on the device and writes backup,
+x + e and the EMA. ``restore``: K3 (``k3_restore``), x = backup.
+Launches per step: 2 per bucket for perturb, 1 per bucket for restore, however
+many tensors. No host read of any tensor.
+
+Falls back to the eager backend for the whole call where the kernels cannot
+walk a row as linear memory (param and grad strides differ, a layout that is
+not dense, DTensor or other tensor subclasses), where buckets span several
+devices, or where the device is not the kernels' (CUDA compiled, CPU under
+TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import eager
+from ...preconditioners import Objective, Preconditioner
+from . import k1_reduce, k2_perturb, k3_restore
+from .precondition import CONSTRAINT_CODE, OBJECTIVE_CODE
+from .table import device_table, launch_config, partials_buffer, rho_tensor, supported_device
+
+name = "triton"
+
+
+
+def unscale_(tables, inv_scale, found_inf):
+    """Divide the gradients by the loss scale in place, recording overflow (eager)."""
+    eager.unscale_(tables, inv_scale, found_inf)
+
+
+def _device_tables(tables, buckets, spec: Preconditioner, chunk: int):
+    """One device table per bucket, or None when any row needs the eager path."""
+    out = []
+    for table, bucket in zip(tables, buckets):
+        if not len(table):
+            out.append(None)
+            continue
+        if bucket.backup is None or (spec.objective.has_state and bucket.grad_ema is None):
+            return None
+        dev = device_table(bucket, table, chunk)
+        if dev is None:
+            return None
+        out.append(dev)
+    return out
+
+
+def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
+    """x <- x + e for every row (one global norm over all tables), backup <- x,
+    EMA <- m_new; a non-finite norm or ``found_inf`` > 0 writes only backup.
+    Returns (norm, skipped): 0-d fp32 and 0-d bool device tensors."""
+    device = buckets[0].device
+    dev_tables = None
+    if all(b.device == device for b in buckets) and supported_device(device):
+        programs, chunk = launch_config(device)
+        dev_tables = _device_tables(tables, buckets, spec, chunk)
+    if dev_tables is None:
+        for table in tables:
+            table.backend_state = None
+        return eager.perturb(tables, buckets, spec, rhos, first, found_inf)
+
+    active = [(t, b, d) for t, b, d in zip(tables, buckets, dev_tables) if d is not None and d.n_rows]
+    for table in tables:
+        table.backend_state = None
+    if found_inf is not None:
+        found_inf = found_inf.to(device=device, dtype=torch.float32)
+    if not active:
+        norm = torch.zeros((), dtype=torch.float32, device=device)
+        skipped = torch.zeros((), dtype=torch.bool, device=device)
+        if found_inf is not None:
+            skipped = found_inf.reshape(()) > 0
+        return norm, skipped
+
+    stateful = spec.objective is not Objective.GRADIENT
+    first_step = not stateful or first is True
+    if first_step:
+        first_t = None
+    elif isinstance(first, torch.Tensor):
+        first_t = first.to(device=device, dtype=torch.float32)
+    else:
+        first_t = torch.full((), float(first), dtype=torch.float32, device=device)
+    switches = dict(
+        OBJECTIVE=OBJECTIVE_CODE[spec.objective],
+        CONSTRAINT=CONSTRAINT_CODE[spec.constraint],
+        FIRST_STEP=first_step,
+    )
+    spec_args = (spec.ema_weight, 1.0 - spec.ema_weight, 1.0 - spec.ema_weight, spec.delta, spec.eta)
+    n_partials = programs * len(active)
+    partials = partials_buffer(device, n_partials)
+    rho = rho_tensor(rhos, device)
+    norm = torch.empty((), dtype=torch.float32, device=device)
+    skipped = torch.empty((), dtype=torch.uint8, device=device)
+
+    def state(bucket):
+        backup = bucket.backup
+        ema = bucket.grad_ema if stateful else backup  # unused when stateless
+        return backup, ema, backup if first_t is None else first_t  # first: unused on the first step
+
+    for k, (table, bucket, dev) in enumerate(active):
+        backup, ema, first_arg = state(bucket)
+        k1_reduce.launch_reduce(dev, backup, ema, first_arg, partials, k * programs, programs, chunk, spec_args, switches)
+    for k, (table, bucket, dev) in enumerate(active):
+        backup, ema, first_arg = state(bucket)
+        k2_perturb.launch_perturb(
+            dev, backup, ema, first_arg, partials, n_partials, rho, found_inf, norm, skipped,
+            programs, chunk, spec_args, spec.eps_norm, switches, write_norm=k == 0,
+        )
+        table.backend_state = (dev, backup, programs, chunk)
+    return norm, skipped.view(torch.bool)
+
+
+def restore(tables):
+    """x <- backup, bit for bit, for every perturbed row."""
+    for table in tables:
+        if not len(table):
+            continue
+        launch = table.backend_state
+        if launch is None or launch[0].param_addresses != tuple(p.data_ptr() for p in table.params):
+            eager.restore([table])  # not perturbed by K2, or a parameter was re-pointed since
+            continue
+        dev, backup, programs, chunk = launch
+        if dev.n_rows:
+            k3_restore.launch_restore(dev, backup, programs, chunk)

@@ -1,0 +1,157 @@
+"""K2: backup <- x, x <- x + e, m <- m_new (DESIGN.md section 2).
+
+Every program re-reduces all partials of every bucket in the same fixed order
+(deterministic, no atomics), forms the global norm, the skip flag and the
+scale on the device, recomputes c u exactly as K1 did, and writes.
+A skipped step (non-finite norm or found_inf > 0) still writes backup = x (so
+restore is exact) but leaves x and m untouched. Rows with perturbed = False
+(rho == 0) only update m.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .precondition import GRADIENT, INFO, load_first, precondition
+from .table import FLAG_PERTURBED, FLAG_WEIGHT, as_pointer, first_chunk, load_row
+
+# Same work per element as K1 plus the writes; same shape. Not measured yet.
+NUM_WARPS = 4
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _perturb_chunk(
+    idx, length, g_ptr, x_ptr, m_ptr, b_ptr, is_weight, perturbed, ok, factor, first,
+    ema_weight, one_minus_weight, alpha, delta, eta,
+    OBJECTIVE: tl.constexpr, CONSTRAINT: tl.constexpr, FIRST_STEP: tl.constexpr, MASKED: tl.constexpr,
+):
+    """m <- m_new (unless skipped); backup <- x and x <- x + e (perturbed rows,
+    x only unless skipped) over one chunk; MASKED only for a row's last chunk."""
+    in_row = idx < length if MASKED else None
+    other = 0.0 if MASKED else None
+    mask = in_row if MASKED else True
+    g = tl.load(g_ptr + idx, mask=in_row, other=other).to(tl.float32)
+    x_raw = tl.load(x_ptr + idx, mask=in_row, other=other)
+    x = x_raw.to(tl.float32)
+    if OBJECTIVE != GRADIENT and not FIRST_STEP:
+        m = tl.load(m_ptr + idx, mask=in_row, other=other)
+    else:
+        m = g
+    cu, c, m_new = precondition(
+        g, x, m, is_weight, first, ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP
+    )
+    if OBJECTIVE != GRADIENT:
+        tl.store(m_ptr + idx, m_new, mask=mask & ok)
+    tl.store(b_ptr + idx, x_raw, mask=mask & perturbed)
+    e = c * cu * factor
+    tl.store(x_ptr + idx, (x + e).to(x_raw.dtype), mask=mask & perturbed & ok)
+
+
+@triton.jit
+def _perturb_kernel(
+    table_ptr,
+    n_rows,
+    backup_ptr,
+    grad_ema_ptr,
+    first_ptr,
+    partials_ptr,
+    n_partials,
+    rho_ptr,
+    found_inf_ptr,
+    norm_ptr,
+    skipped_ptr,
+    ema_weight,
+    one_minus_weight,
+    alpha,
+    delta,
+    eta,
+    eps_norm,
+    OBJECTIVE: tl.constexpr,
+    CONSTRAINT: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    WRITE_NORM: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    elem = backup_ptr.dtype.element_ty
+    first = load_first(first_ptr, OBJECTIVE, FIRST_STEP)
+
+    # The global norm, identically in every program.
+    slots = tl.arange(0, PARTIALS_BLOCK)
+    partials = tl.load(partials_ptr + slots, mask=slots < n_partials, other=0.0)
+    norm = tl.sqrt_rn(tl.sum(partials, axis=0))
+    skipped = (norm != norm) | (norm > FLT_MAX)
+    if HAS_FOUND_INF:
+        skipped = skipped | (tl.load(found_inf_ptr).to(tl.float32) > 0.0)
+    ok = skipped == 0
+    if OBJECTIVE == INFO and not FIRST_STEP:
+        eps = eps_norm * (first + (1.0 - first) * delta)  # u is scaled by delta after the first step
+    else:
+        eps = eps_norm
+    scale = tl.where(skipped, 0.0, tl.div_rn(1.0, norm + eps))
+    if WRITE_NORM:
+        tl.store(norm_ptr, norm, mask=pid == 0)
+        tl.store(skipped_ptr, skipped.to(tl.uint8), mask=pid == 0)
+
+    lanes = tl.arange(0, BLOCK)
+    r = 0
+    while r < n_rows:  # while, not range: see table.py on the interpreter
+        param_addr, grad_addr, length, offset, chunk_start, group, flags = load_row(table_ptr, r, ALIGNED)
+        x_ptr = as_pointer(param_addr, elem, ALIGNED)
+        g_ptr = as_pointer(grad_addr, elem, ALIGNED)
+        m_ptr = grad_ema_ptr + offset
+        b_ptr = backup_ptr + offset
+        is_weight = (flags & FLAG_WEIGHT) != 0
+        perturbed = (flags & FLAG_PERTURBED) != 0
+        factor = scale * tl.load(rho_ptr + group)
+        full = length // BLOCK
+        if OBJECTIVE == GRADIENT:  # no state to update: an unperturbed row is not touched
+            full = tl.where(perturbed, full, -1)
+        chunk = first_chunk(pid, num_programs, chunk_start)
+        while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
+            _perturb_chunk(
+                chunk * BLOCK + lanes, length, g_ptr, x_ptr, m_ptr, b_ptr, is_weight, perturbed, ok, factor, first,
+                ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, False,
+            )
+            chunk += num_programs
+        if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
+            _perturb_chunk(
+                chunk * BLOCK + lanes, length, g_ptr, x_ptr, m_ptr, b_ptr, is_weight, perturbed, ok, factor, first,
+                ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, True,
+            )
+        r += 1
+
+
+def launch_perturb(
+    dev_table, backup, grad_ema, first, partials, n_partials, rhos, found_inf, norm, skipped,
+    programs, block, spec_args, eps_norm, switches, write_norm,
+):
+    """K2 over one bucket; the program 0 of the launch with ``write_norm``
+    stores the norm and the skip flag."""
+    _perturb_kernel[(programs,)](
+        dev_table.rows,
+        dev_table.n_rows,
+        backup,
+        grad_ema,
+        first,
+        partials,
+        n_partials,
+        rhos,
+        partials if found_inf is None else found_inf,
+        norm,
+        skipped,
+        *spec_args,
+        eps_norm,
+        HAS_FOUND_INF=found_inf is not None,
+        WRITE_NORM=write_norm,
+        ALIGNED=dev_table.aligned,
+        BLOCK=block,
+        PARTIALS_BLOCK=triton.next_power_of_2(n_partials),
+        num_warps=NUM_WARPS,
+        **switches,
+    )

@@ -1,0 +1,248 @@
+"""The device table the kernels walk, and the small device buffers they share.
+
+One table per bucket: a row per ``Table`` row, ``ROW_WIDTH`` int64 each::
+
+    0 param address   1 grad address   2 length (elements)
+    3 offset of the row in the bucket's flat backup / grad_ema (elements)
+    4 index of the row's first chunk among all chunks of the table
+    5 param group index (into the per-group rho tensor)
+    6 flags: FLAG_WEIGHT (ASAM constraint applies), FLAG_PERTURBED (rho != 0)
+    7 unused (rows stay 64 B)
+
+Parameters and gradients are reached through their addresses, so the table is
+rebuilt only when an address (or a row's metadata) changes: a host-side check
+of ``data_ptr()`` per step, a non-blocking copy when something moved.
+
+The kernels loop with ``while``, not ``range``: under TRITON_INTERPRET every
+scalar is a 1-element array, and since NumPy 2.4 ``range`` cannot take one
+(``int()`` of an array with ndim > 0 raises); ``while`` only needs ``bool()``.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ...buckets import _non_overlapping_and_dense
+
+# Elements per chunk, the unit of work a program takes at a time: 1024 keeps
+# 8 elements (two 16-B vectors of fp32) per thread at 4 warps. Not measured
+# yet; to be tuned on the GPU.
+CHUNK = 1024
+# A few programs per SM: enough resident warps to saturate memory bandwidth,
+# few enough that K2's re-read of every partial stays a few KB. Not measured yet.
+PROGRAMS_PER_SM = 4
+# Under TRITON_INTERPRET: small chunks and a handful of programs, so that
+# small test tensors still span several chunks and several programs.
+INTERPRETER_CHUNK = 256
+INTERPRETER_PROGRAMS = 3
+# Device tables kept per bucket (addresses that alternate between steps,
+# e.g. gradients freed and reallocated, still hit the cache).
+TABLES_PER_BUCKET = 4
+
+ROW_WIDTH = 8
+FLAG_WEIGHT = tl.constexpr(1)  # constexpr: read inside the kernels too
+FLAG_PERTURBED = tl.constexpr(2)
+# Row slices in the flat buffers start on multiples of this many elements
+# (buckets.SLICE_ALIGN); the alignment hint relies on it.
+OFFSET_ALIGN = 16
+
+
+@triton.jit
+def load_row(table_ptr, r, ALIGNED: tl.constexpr):
+    """(param address, grad address, length, offset, first chunk, group, flags) of row r."""
+    row = table_ptr + r * 8
+    param_addr = tl.load(row + 0)
+    grad_addr = tl.load(row + 1)
+    length = tl.load(row + 2)
+    offset = tl.load(row + 3)
+    chunk_start = tl.load(row + 4)
+    group = tl.load(row + 5)
+    flags = tl.load(row + 6)
+    if ALIGNED:  # the host checked: offsets are multiples of 16 elements
+        offset = tl.multiple_of(offset, 16)
+    return param_addr, grad_addr, length, offset, chunk_start, group, flags
+
+
+@triton.jit
+def as_pointer(addr, elem, ALIGNED: tl.constexpr):
+    """The int64 address ``addr`` as a pointer to ``elem``; with ALIGNED (the host
+    checked addr % 16 == 0) hinted so that loads and stores vectorise. The hint
+    must sit on the pointer: one on the integer does not survive the cast."""
+    ptr = addr.to(tl.pointer_type(elem))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def first_chunk(pid, num_programs, chunk_start):
+    """The first chunk of a row that program ``pid`` owns: chunks are dealt out
+    round-robin over the whole table (global chunk index mod num_programs)."""
+    return (pid + num_programs - chunk_start % num_programs) % num_programs
+
+
+def interpreting() -> bool:
+    """Whether @triton.jit functions run under the interpreter (TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(load_row, InterpretedFunction)
+
+
+def supported_device(device: torch.device) -> bool:
+    """The interpreter dereferences host addresses; compiled kernels device ones."""
+    return device.type == "cpu" if interpreting() else device.type == "cuda"
+
+
+_programs: dict = {}
+
+
+def launch_config(device: torch.device) -> tuple[int, int]:
+    """(programs per launch, elements per chunk) on ``device``."""
+    if interpreting():
+        return INTERPRETER_PROGRAMS, INTERPRETER_CHUNK
+    if device not in _programs:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        _programs[device] = PROGRAMS_PER_SM * sms
+    return _programs[device], CHUNK
+
+
+@dataclass
+class DeviceTable:
+    rows: torch.Tensor  # [n_rows, ROW_WIDTH] int64 on the bucket's device
+    n_rows: int
+    aligned: bool  # every address and offset 16-B aligned
+    param_addresses: tuple  # what restore checks before trusting the rows
+    host: torch.Tensor  # the (pinned) source of the copy, kept alive with it
+
+
+_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _plain(t) -> bool:
+    # DTensor and other subclasses take the eager path.
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
+
+
+def device_table(bucket, table, chunk: int) -> DeviceTable | None:
+    """The device table of ``table`` (rows of ``bucket``), cached; None when a
+    row cannot be walked as linear memory (the caller falls back to eager)."""
+    backup = bucket.backup
+    ema = bucket.grad_ema
+    key = (
+        chunk,
+        backup.data_ptr(),
+        None if ema is None else ema.data_ptr(),
+        tuple((p.data_ptr(), g.data_ptr(), p.stride(), g.stride()) for p, g in zip(table.params, table.grads)),
+        tuple(table.offsets),
+        tuple(table.lengths),
+        tuple(table.group_index),
+        tuple(table.is_weight),
+        tuple(table.perturbed),
+    )
+    entries = _cache.setdefault(bucket, {})
+    if key in entries:
+        found = entries.pop(key)
+        entries[key] = found  # most recently used last
+        return found
+    built = _build(bucket, table, chunk)
+    entries[key] = built
+    while len(entries) > TABLES_PER_BUCKET:
+        entries.pop(next(iter(entries)))
+    return built
+
+
+def _row_is_linear(bucket, table, i) -> bool:
+    """Whether row i's param, grad, backup and grad_ema are the same dense
+    layout, so that each is ``length`` consecutive elements from its address."""
+    p, g = table.params[i], table.grads[i]
+    if not (_plain(p) and _plain(g)):
+        return False
+    if p.dtype != bucket.dtype or g.dtype != bucket.dtype or p.device != bucket.device or g.device != bucket.device:
+        return False
+    if p.shape != g.shape or p.numel() != table.lengths[i] or p.stride() != g.stride():
+        return False
+    if not _non_overlapping_and_dense(p):
+        return False
+    esize = bucket.backup.element_size()
+    b = table.backups[i]
+    if b.stride() != p.stride() or b.data_ptr() != bucket.backup.data_ptr() + table.offsets[i] * esize:
+        return False
+    if table.grad_emas is not None:
+        m = table.grad_emas[i]
+        if m.stride() != p.stride() or m.data_ptr() != bucket.grad_ema.data_ptr() + table.offsets[i] * 4:
+            return False
+    return True
+
+
+def _build(bucket, table, chunk: int) -> DeviceTable | None:
+    rows = []
+    chunk_start = 0
+    aligned = bucket.backup.data_ptr() % 16 == 0 and (bucket.grad_ema is None or bucket.grad_ema.data_ptr() % 16 == 0)
+    for i in range(len(table)):
+        length = table.lengths[i]
+        if length == 0:
+            continue  # contributes nothing, touches nothing
+        if not _row_is_linear(bucket, table, i):
+            return None
+        p_addr, g_addr, offset = table.params[i].data_ptr(), table.grads[i].data_ptr(), table.offsets[i]
+        aligned = aligned and p_addr % 16 == 0 and g_addr % 16 == 0 and offset % OFFSET_ALIGN == 0
+        flags = (FLAG_WEIGHT.value if table.is_weight[i] else 0) | (FLAG_PERTURBED.value if table.perturbed[i] else 0)
+        rows.append((p_addr, g_addr, length, offset, chunk_start, table.group_index[i], flags, 0))
+        chunk_start += triton.cdiv(length, chunk)
+    host = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), ROW_WIDTH)
+    if bucket.device.type == "cuda":
+        host = host.pin_memory()
+    return DeviceTable(
+        rows=host.to(bucket.device, non_blocking=True),
+        n_rows=len(rows),
+        aligned=aligned,
+        param_addresses=tuple(p.data_ptr() for p in table.params),
+        host=host,
+    )
+
+
+# -- small shared buffers ----------------------------------------------------
+_rho_cache: dict = {}
+_RHO_CACHE_SIZE = 16
+
+
+def rho_tensor(rhos, device: torch.device) -> torch.Tensor:
+    """Per-group rho as an fp32 device tensor, without a host read: floats are
+    copied once per distinct value tuple; tensors are stacked on the device."""
+    if all(not isinstance(r, torch.Tensor) for r in rhos):
+        key = (device, tuple(float(r) for r in rhos))
+        found = _rho_cache.get(key)
+        if found is None:
+            host = torch.tensor(key[1], dtype=torch.float32)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            found = (host.to(device, non_blocking=True), host)
+            if len(_rho_cache) >= _RHO_CACHE_SIZE:
+                _rho_cache.pop(next(iter(_rho_cache)))
+            _rho_cache[key] = found
+        return found[0]
+    return torch.stack(
+        [
+            r.detach().to(device=device, dtype=torch.float32).reshape(())
+            if isinstance(r, torch.Tensor)
+            else torch.full((), float(r), dtype=torch.float32, device=device)
+            for r in rhos
+        ]
+    )
+
+
+_partials: dict = {}
+
+
+def partials_buffer(device: torch.device, n: int) -> torch.Tensor:
+    """One fp32 slot per program per bucket; every K1 program writes its slot,
+    so the buffer is never cleared."""
+    buf = _partials.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.float32, device=device)
+        _partials[device] = buf
+    return buf
