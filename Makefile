@@ -18,7 +18,8 @@ demo: $(STAMP)
 	$(PY) -m presam_kernels compare
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests bench --benchmark-disable
+	# One thread: the suite is many small ops, where thread hand-offs cost more than they give.
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests bench --benchmark-disable
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
