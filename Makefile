@@ -17,8 +17,8 @@ $(STAMP): requirements-test.txt setup.py
 demo: $(STAMP)
 	$(PY) -m presam_kernels compare
 
+# One thread: the suite is many small ops, where thread hand-offs cost more than they give.
 test: $(STAMP)
-	# One thread: the suite is many small ops, where thread hand-offs cost more than they give.
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests bench --benchmark-disable
 
 bench: $(STAMP)
