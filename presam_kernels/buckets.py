@@ -1,9 +1,10 @@
 """What the backends iterate over (DESIGN.md section 2).
 
 A bucket holds every parameter of one (device, dtype): a fixed slice of the
-optimizer's own flat buffers per parameter (the backup, in the parameter's
-dtype, and the fp32 EMA state), and, with ``flatten=True``, the parameters and
-their gradients too.  Each step the optimizer asks the bucket for a ``Table``:
+optimizer's own flat buffers per parameter (the backup, or with out-of-place
+perturbation the adversarial point, in the parameter's dtype; the fp32 EMA
+state; the base optimizer's state when its update is fused), and, with
+``flatten=True``, the parameters and their gradients too.  Each step the optimizer asks the bucket for a ``Table``:
 the rows that take part in that step (parameters that have a gradient), with
 the tensors, lengths, offsets and per-row metadata a backend needs.  Rows that
 are adjacent in every flat buffer are merged, so a flattened bucket with one
@@ -62,7 +63,10 @@ class Table:
     ``params``/``grads``/``backups``/``grad_emas`` are same-shaped tensors per
     row (with ``flatten=True``, 1-D views of the flat buffers).  ``perturbed``
     is False for rows of a param group with rho == 0: they count in the norm
-    and update their EMA but are never written.
+    and update their EMA but are never written.  With out-of-place
+    perturbation ``backups`` is None and ``adversarials`` holds each row's
+    slice of the bucket's adversarial buffer, where x + e is written instead
+    of into x.
     """
 
     params: list
@@ -79,6 +83,11 @@ class Table:
     reduce_sum_of_squares: object = None
     # What a backend's perturb leaves for its restore (the Triton launch plan).
     backend_state: object = None
+    adversarials: list | None = None
+
+    @property
+    def out_of_place(self) -> bool:
+        return self.adversarials is not None
 
     def __len__(self):
         return len(self.params)
@@ -107,6 +116,12 @@ class Bucket:
     grad_ema_prev: torch.Tensor | None = None
     flat_param: torch.Tensor | None = None
     flat_grad: torch.Tensor | None = None
+    adversarial: torch.Tensor | None = None
+    # The base optimizer's state kept flat when its update is fused
+    # (base_update.py): key (torch's state key) -> flat buffer, and the
+    # per-parameter views handed out as optimizer.state[p][key].
+    base_state: dict = field(default_factory=dict)
+    base_views: dict = field(default_factory=dict)
 
     def __post_init__(self):
         offset = 0
@@ -154,6 +169,24 @@ class Bucket:
         if self.backup is None:
             self.backup = self.new_flat()
         return self.backup
+
+    def ensure_adversarial(self):
+        if self.adversarial is None:
+            self.adversarial = self.new_flat()
+        return self.adversarial
+
+    def release_backup(self):
+        """Out-of-place mode needs no backup: free it."""
+        self.backup = None
+
+    def ensure_base_state(self, key: str) -> list:
+        """The per-parameter views (parameter dtype, zeros when new) of the flat
+        buffer holding the base optimizer's state ``key``."""
+        if key not in self.base_state:
+            flat = self.new_flat()
+            self.base_state[key] = flat
+            self.base_views[key] = [self.view(flat, i) for i in range(len(self.params))]
+        return self.base_views[key]
 
     def ensure_grad_ema(self):
         if self.grad_ema is None:
@@ -217,18 +250,21 @@ class Bucket:
                 p.grad = self.view(self.flat_grad, i)
 
     # -- the per-step table ---------------------------------------------
-    def table(self, group_perturbed) -> Table:
+    def table(self, group_perturbed, out_of_place: bool = False) -> Table:
         """The rows with a gradient this step.  ``group_perturbed[k]`` says
-        whether param group k has a nonzero rho."""
-        backup = self.ensure_backup()
+        whether param group k has a nonzero rho; ``out_of_place`` gives the
+        rows adversarial slices instead of backups."""
         ema = self.grad_ema
         rows = [i for i, p in enumerate(self.params) if p.grad is not None]
         if self.flatten:
-            return self._merged_table(rows, group_perturbed)
+            return self._merged_table(rows, group_perturbed, out_of_place)
+        saved = self.ensure_adversarial() if out_of_place else self.ensure_backup()
+        views = [self.view(saved, i) for i in rows]
         return Table(
             params=[local(self.params[i]) for i in rows],
             grads=[local(self.params[i].grad) for i in rows],
-            backups=[self.view(backup, i) for i in rows],
+            backups=None if out_of_place else views,
+            adversarials=views if out_of_place else None,
             grad_emas=None if ema is None else [self.view(ema, i) for i in rows],
             offsets=[self.offsets[i] for i in rows],
             lengths=[self.shapes[i].numel() for i in rows],
@@ -238,9 +274,10 @@ class Bucket:
             reduce_sum_of_squares=None if self.mesh is None else self.sum_over_mesh,
         )
 
-    def _merged_table(self, rows, group_perturbed) -> Table:
+    def _merged_table(self, rows, group_perturbed, out_of_place=False) -> Table:
         """flatten=True: runs of consecutive parameters with the same group and
         weight flag become one 1-D row spanning the flat buffers."""
+        saved = self.ensure_adversarial() if out_of_place else self.ensure_backup()
         runs = []  # [first_param, last_param]
         for i in rows:
             if runs and runs[-1][1] == i - 1 and self._same_row_meta(runs[-1][1], i):
@@ -248,12 +285,14 @@ class Bucket:
             else:
                 runs.append([i, i])
         table = Table([], [], [], None if self.grad_ema is None else [], [], [], [], [], [])
+        if out_of_place:
+            table.adversarials = table.backups
         for first, last in runs:
             start = self.offsets[first]
             stop = self.offsets[last] + self.params[last].numel()
             table.params.append(self.flat_param[start:stop])
             table.grads.append(self.flat_grad[start:stop])
-            table.backups.append(self.backup[start:stop])
+            table.backups.append(saved[start:stop])
             if table.grad_emas is not None:
                 table.grad_emas.append(self.grad_ema[start:stop])
             table.offsets.append(start)
@@ -261,6 +300,8 @@ class Bucket:
             table.group_index.append(self.group_index[first])
             table.is_weight.append(self.is_weight[first])
             table.perturbed.append(group_perturbed[self.group_index[first]])
+        if out_of_place:
+            table.backups = None
         return table
 
     def _same_row_meta(self, i, j):

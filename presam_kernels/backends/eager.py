@@ -109,7 +109,7 @@ def unscale_(tables, inv_scale, found_inf):
 
 def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     """x <- x + e for every row (one global norm over all tables), backup <- x,
-    EMA <- m_new.  A non-finite norm or ``found_inf`` > 0 perturbs nothing and
+    EMA <- m_new (out-of-place tables: adversarial <- x + e instead).  A non-finite norm or ``found_inf`` > 0 perturbs nothing and
     keeps the EMA.  Returns (norm, skipped) as 0-d fp32/bool device tensors."""
     device = buckets[0].device
     work, partials = [], []
@@ -140,7 +140,8 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
 
 def _apply(table, c, cu, m_new, scale, skipped, rhos):
     """One table's share of the step: EMA <- m_new, backup <- x, x <- x + e,
-    unless ``skipped``."""
+    unless ``skipped``.  Out of place: adversarial <- x + e (x when skipped),
+    x and the backup untouched."""
     device = table.params[0].device
     skipped = skipped.to(device)
     # A CPU runs ops synchronously, so reading the flag stalls nothing there;
@@ -157,10 +158,18 @@ def _apply(table, c, cu, m_new, scale, skipped, rhos):
     if not rows:
         return
     params = [table.params[i] for i in rows]
-    backups = [table.backups[i] for i in rows]
-    torch._foreach_copy_(backups, params)
+    if table.out_of_place:
+        # The same operations as in place, on a copy: x + e comes out bit for bit the same.
+        targets = [table.adversarials[i] for i in rows]
+        torch._foreach_copy_(targets, params)
+        originals = params
+    else:
+        backups = [table.backups[i] for i in rows]
+        torch._foreach_copy_(backups, params)
+        targets, originals = params, backups
     if skip_now:
         return
+    target_of = dict(zip(rows, targets))
     # e = (rho * scale) * c * (c u): one fused multiply-add into x per row,
     # in fp32 whatever x's dtype, with no temporary (CPU: a fresh 100 MB
     # temporary costs more in page faults than the whole add).
@@ -168,21 +177,23 @@ def _apply(table, c, cu, m_new, scale, skipped, rhos):
     plain = [i for i in rows if c[i] is None]
     if plain:
         torch._foreach_addcmul_(
-            [table.params[i] for i in plain], [cu[i] for i in plain], [factor[table.group_index[i]] for i in plain]
+            [target_of[i] for i in plain], [cu[i] for i in plain], [factor[table.group_index[i]] for i in plain]
         )
     scaled = [i for i in rows if c[i] is not None]
     if scaled:
         torch._foreach_mul_([cu[i] for i in scaled], [factor[table.group_index[i]] for i in scaled])
-        torch._foreach_addcmul_([table.params[i] for i in scaled], [c[i] for i in scaled], [cu[i] for i in scaled])
+        torch._foreach_addcmul_([target_of[i] for i in scaled], [c[i] for i in scaled], [cu[i] for i in scaled])
     if not on_host:
-        # 0 * inf is NaN: a skipped step must leave x as it was, bit for bit.
-        for p, b in zip(params, backups):
-            torch.where(skipped, b, p, out=p)
+        # 0 * inf is NaN: a skipped step must leave x (or its copy) as it was, bit for bit.
+        for t, o in zip(targets, originals):
+            torch.where(skipped, o, t, out=t)
 
 
 def restore(tables):
-    """x <- backup, bit for bit, for every perturbed row."""
+    """x <- backup, bit for bit, for every perturbed row (nothing to copy out of place)."""
     for table in tables:
+        if table.out_of_place:
+            continue
         rows = [i for i in range(len(table)) if table.perturbed[i]]
         if rows:
             torch._foreach_copy_([table.params[i] for i in rows], [table.backups[i] for i in rows])

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
-from .. import backends
+from .. import backends, base_update
 from ..buckets import build_buckets, local
 from ..preconditioners import Constraint, Objective, Preconditioner, check_finite_number
 from . import amp
@@ -24,6 +24,7 @@ GRAD_EMA = "grad_ema"
 GRAD_EMA_READY = "grad_ema_ready"
 # Keys a checkpoint of the common SAM wrapper holds per parameter: transient.
 _COMMON_WRAPPER_KEYS = frozenset({"old_p", "e_w"})
+PERTURB_MODES = ("auto", "in_place", "out_of_place")
 
 _STEP_WITHOUT_CLOSURE = (
     "{cls}.step() needs a closure that runs the forward and backward pass, because "
@@ -99,6 +100,14 @@ class PreSAM(Optimizer):
             zeroes them in one op).
         backend: ``"auto"``, ``"eager"`` or ``"triton"``; ``PRESAM_BACKEND``
             overrides ``"auto"``.
+        perturb: ``"in_place"`` (x += e, x saved in a backup and copied back),
+            ``"out_of_place"`` (x + e written to a buffer of ours and each
+            parameter's ``.data`` pointed at it for the second pass, then
+            back: no backup, no copy) or ``"auto"`` (per bucket, whichever
+            measured faster for its tensor sizes; see ``_OUT_OF_PLACE_MIN_AVG``).
+            Out of place, code that caches a parameter's storage address
+            across the two passes (CUDA graphs, cuDNN RNN flat weights) sees
+            the switch: use ``"in_place"`` there.
         is_weight: ``is_weight(name, tensor) -> bool``, which tensors are
             weights for the ASAM constraint. Default: the name contains
             "weight" when names are given, else ``tensor.ndim >= 2``.
@@ -119,6 +128,7 @@ class PreSAM(Optimizer):
         eps_norm: float = 1e-12,
         flatten: bool = False,
         backend: str = "auto",
+        perturb: str = "auto",
         is_weight: Callable | None = None,
         _extra_defaults: dict | None = None,
         **base_kwargs,
@@ -145,6 +155,8 @@ class PreSAM(Optimizer):
             raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
         if not isinstance(flatten, bool):
             raise TypeError(f"flatten must be True or False, got {flatten!r}")
+        if perturb not in PERTURB_MODES:
+            raise ValueError(f"perturb must be one of {PERTURB_MODES}, got {perturb!r}")
 
         groups, names = _split_names(params)
         for k, group in enumerate(groups):
@@ -155,6 +167,7 @@ class PreSAM(Optimizer):
         self.preconditioner = Preconditioner(objective, constraint, ema_weight, delta, eta, eps_norm)
         self.flatten = flatten
         self.backend_choice = backend
+        self.perturb_mode = perturb
 
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -191,6 +204,9 @@ class PreSAM(Optimizer):
         self._buckets = None
         self._layout = None
         self._pending = None  # tables perturbed by first_step, awaiting second_step
+        self._pending_perturbed = None  # their per-group perturbed flags
+        self._switched = []  # out of place: (param, its own .data) while it points at x + e
+        self.last_step_fused = False  # whether the last second_step fused the base update
         self._first_found_inf = None
         self._host_ema_started = False
         self._ema_ready = {}  # device -> 0-d fp32 tensor, 1.0 once the EMA had a finite step
@@ -222,7 +238,7 @@ class PreSAM(Optimizer):
         flatten=True, a parameter or gradient found replaced is copied back in."""
         key = self._layout_key()
         if self._buckets is not None and key == self._layout:
-            if self.flatten:
+            if self.flatten and not self._switched:  # never copy x + e into the flat parameters
                 for bucket in self._buckets:
                     for i in range(len(bucket.params)):
                         if not bucket.in_place(i):
@@ -300,7 +316,7 @@ class PreSAM(Optimizer):
         rhos, perturbed = self._group_rhos()
         self._check_grads()
         buckets = self._ensure_buckets()
-        tables = [b.table(perturbed) for b in buckets]
+        tables = [b.table(perturbed, out_of_place=self._out_of_place(b)) for b in buckets]
         scaler = amp.active(grad_scaler)
         found_inf = amp.unscale_first_pass(self, scaler, tables, self._backend) if scaler else None
 
@@ -320,9 +336,11 @@ class PreSAM(Optimizer):
             torch.maximum(flag, (~skipped).float(), out=flag)
             self._host_ema_started = True
         self._count_skip(skipped)
+        self._switch_to_adversarial(tables, buckets, perturbed)
         self.last_perturbation_norm = norm
         self._first_found_inf = skipped if scaler is not None else None
         self._pending = tables
+        self._pending_perturbed = perturbed
         if zero_grad:
             self.zero_grad()
 
@@ -350,8 +368,10 @@ class PreSAM(Optimizer):
                 "GradScaler to both steps"
             )
         found_second = amp.unscale_second_pass(self, scaler, self._pending) if scaler else None
-        self._backend.restore(self._pending)
-        self._pending = None
+        tables, perturbed = self._pending, self._pending_perturbed
+        self._pending = self._pending_perturbed = None
+        self._switch_back()
+        self.last_step_fused = False
         if scaler is not None:
             # Host read of the scaler's own flags, as GradScaler.step does.
             first_bad = bool(self._first_found_inf)
@@ -362,12 +382,72 @@ class PreSAM(Optimizer):
                 self._roll_back_ema()
                 self._count_skip(torch.ones((), dtype=torch.bool, device=self.skipped_steps.device))
             if first_bad or second_bad:
+                self._backend.restore(tables)
                 if zero_grad:
                     self.zero_grad()
                 return
-        self._base_step()
+        if not self._fused_step(tables, perturbed):
+            self._backend.restore(tables)
+            self._base_step()
         if zero_grad:
             self.zero_grad()
+
+    # -- out-of-place perturbation and the fused base update ----------------
+    def _out_of_place(self, bucket) -> bool:
+        """Whether ``bucket`` is perturbed out of place this step."""
+        if self.perturb_mode == "in_place" or bucket.mesh is not None:
+            return False  # DTensor parameters: their .data is not ours to re-point
+        if self.perturb_mode == "out_of_place":
+            return True
+        threshold = _OUT_OF_PLACE_MIN_AVG.get(bucket.device.type)
+        return threshold is not None and bucket.numel >= threshold * len(bucket.params)
+
+    def _switch_to_adversarial(self, tables, buckets, perturbed):
+        """Out of place: point each perturbed parameter's .data at its slice of x + e
+        (same shape and strides); its own storage, holding x, is kept for the way back."""
+        for bucket, table in zip(buckets, tables):
+            if not table.out_of_place:
+                continue
+            for i, p in enumerate(bucket.params):
+                if p.grad is not None and perturbed[bucket.group_index[i]]:
+                    self._switched.append((p, p.data))
+                    p.data = bucket.view(bucket.adversarial, i)
+
+    def _switch_back(self):
+        """Point every switched parameter at its own storage again (x, exactly)."""
+        for p, data in self._switched:
+            p.data = data
+        self._switched = []
+
+    def _fused_step(self, tables, perturbed) -> bool:
+        """restore + base step as one kernel per bucket, where the backend has
+        one and ``base_update`` covers the base optimizer; False (nothing done)
+        otherwise."""
+        fused = getattr(self._backend, "restore_and_step", None)
+        if fused is None:
+            return False
+        kind = base_update.covered(self.base_optimizer)
+        if kind is None or self._layout_key() != self._layout:
+            return False
+        buckets = self._buckets
+        if self.flatten:
+            for bucket in buckets:
+                for i in range(len(bucket.params)):
+                    if not bucket.in_place(i):
+                        bucket.readopt(i)
+        now = [b.table(perturbed, out_of_place=t.out_of_place) for b, t in zip(buckets, tables)]
+        if any(n.offsets != t.offsets or n.lengths != t.lengths for n, t in zip(now, tables)):
+            return False  # the second pass's gradients cover other rows than the perturbation
+        plan = base_update.plan(kind, self.base_optimizer, buckets, self.state)
+        if plan is None:
+            return False
+        plan.adopt()
+        if not fused(now, buckets, plan.update):
+            return False
+        plan.commit()
+        self.base_optimizer._opt_called = True  # as an LRScheduler's wrapper of its step would
+        self.last_step_fused = True
+        return True
 
     def _base_step(self):
         """base_optimizer.step(), with our entries hidden from per-parameter
@@ -436,8 +516,9 @@ class PreSAM(Optimizer):
         """Put the parameters back at x after a failed second pass (for example
         out of memory) and forget the pending step. A no-op without one."""
         if self._pending is not None:
+            self._switch_back()
             self._backend.restore(self._pending)
-            self._pending = None
+            self._pending = self._pending_perturbed = None
             self._first_found_inf = None
 
     def zero_grad(self, set_to_none: bool | None = None):
@@ -471,6 +552,14 @@ class PreSAM(Optimizer):
         ours side by side per parameter; our entries are copies of each
         parameter's slice (never the whole flat buffer)."""
         sd = super().state_dict()
+        ours = base_update.views_of_ours(self._buckets or [])
+        if ours:
+            for index, entry in sd["state"].items():
+                if any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in ours for v in entry.values()):
+                    sd["state"][index] = {
+                        k: v.clone() if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in ours else v
+                        for k, v in entry.items()
+                    }
         if self.preconditioner.objective.has_state:
             params = self._params()
             for index, entry in sd["state"].items():
@@ -529,8 +618,14 @@ class PreSAM(Optimizer):
         return (
             f"{type(self).__name__}(objective={spec.objective.value}, constraint={spec.constraint.value}, "
             f"base={type(self.base_optimizer).__name__}, groups={len(self.param_groups)}, "
-            f"flatten={self.flatten}, backend={self.backend_choice})"
+            f"flatten={self.flatten}, backend={self.backend_choice}, perturb={self.perturb_mode})"
         )
+
+
+# perturb="auto": out of place where a bucket's tensors average at least this
+# many elements (per device type), in place elsewhere or where absent.
+# Not measured yet: in place everywhere.
+_OUT_OF_PLACE_MIN_AVG: dict = {}
 
 
 def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:

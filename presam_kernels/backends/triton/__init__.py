@@ -4,7 +4,9 @@ multi-tensor kernels per bucket walking a device table of addresses.
 ``perturb``: K1 (``k1_reduce``) per bucket writes per-program partial sums of
 (c u)^2 into one buffer shared by all buckets; K2 (``k2_perturb``) per bucket
 re-reduces them all into the global norm on the device and writes backup,
-x + e and the EMA. ``restore``: K3 (``k3_restore``), x = backup.
+x + e and the EMA (out of place: x + e into the adversarial buffer, no
+backup). ``restore``: K3 (``k3_restore``), x = backup. ``restore_and_step``:
+K4 (``k4_restore_step``), the base optimizer's update of the saved x.
 Launches per step: 2 per bucket for perturb, 1 per bucket for restore, however
 many tensors. No host read of any tensor.
 
@@ -20,9 +22,17 @@ import torch
 
 from .. import eager
 from ...preconditioners import Objective, Preconditioner
-from . import k1_reduce, k2_perturb, k3_restore
+from . import k1_reduce, k2_perturb, k3_restore, k4_restore_step
 from .precondition import CONSTRAINT_CODE, OBJECTIVE_CODE
-from .table import device_table, launch_config, partials_buffer, rho_tensor, supported_device
+from .table import (
+    device_table,
+    hyper_tensor,
+    launch_config,
+    partials_buffer,
+    rho_tensor,
+    saved_buffer,
+    supported_device,
+)
 
 name = "triton"
 
@@ -40,7 +50,7 @@ def _device_tables(tables, buckets, spec: Preconditioner, chunk: int):
         if not len(table):
             out.append(None)
             continue
-        if bucket.backup is None or (spec.objective.has_state and bucket.grad_ema is None):
+        if saved_buffer(bucket, table) is None or (spec.objective.has_state and bucket.grad_ema is None):
             return None
         dev = device_table(bucket, table, chunk)
         if dev is None:
@@ -95,19 +105,19 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     norm = torch.empty((), dtype=torch.float32, device=device)
     skipped = torch.empty((), dtype=torch.uint8, device=device)
 
-    def state(bucket):
-        backup = bucket.backup
+    def state(table, bucket):
+        backup = saved_buffer(bucket, table)  # out of place: the adversarial buffer
         ema = bucket.grad_ema if stateful else backup  # unused when stateless
         return backup, ema, backup if first_t is None else first_t  # first: unused on the first step
 
     for k, (table, bucket, dev) in enumerate(active):
-        backup, ema, first_arg = state(bucket)
+        backup, ema, first_arg = state(table, bucket)
         k1_reduce.launch_reduce(dev, backup, ema, first_arg, partials, k * programs, programs, chunk, spec_args, switches)
     for k, (table, bucket, dev) in enumerate(active):
-        backup, ema, first_arg = state(bucket)
+        backup, ema, first_arg = state(table, bucket)
         k2_perturb.launch_perturb(
             dev, backup, ema, first_arg, partials, n_partials, rho, found_inf, norm, skipped,
-            programs, chunk, spec_args, spec.eps_norm, switches, write_norm=k == 0,
+            programs, chunk, spec_args, spec.eps_norm, switches, write_norm=k == 0, out_of_place=table.out_of_place,
         )
         table.backend_state = (dev, backup, programs, chunk)
     return norm, skipped.view(torch.bool)
@@ -116,7 +126,7 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
 def restore(tables):
     """x <- backup, bit for bit, for every perturbed row."""
     for table in tables:
-        if not len(table):
+        if not len(table) or table.out_of_place:
             continue
         launch = table.backend_state
         if launch is None or launch[0].param_addresses != tuple(p.data_ptr() for p in table.params):
@@ -125,3 +135,40 @@ def restore(tables):
         dev, backup, programs, chunk = launch
         if dev.n_rows:
             k3_restore.launch_restore(dev, backup, programs, chunk)
+
+
+def restore_and_step(tables, buckets, update) -> bool:
+    """x <- the base optimizer's update (``update``: a ``base_update.Update``)
+    of the saved x, with the gradients in ``tables`` (the second pass's rows,
+    the same rows the perturbation wrote); writes the base state in place.
+
+    Returns False, having written nothing, where the kernels cannot walk the
+    rows (the caller restores and steps the base optimizer instead)."""
+    device = buckets[0].device
+    if not (all(b.device == device for b in buckets) and supported_device(device)):
+        return False
+    if len(tables) != len(buckets) or len(update.state) != len(buckets):
+        return False
+    programs, chunk = launch_config(device)
+    dev_tables = []
+    for table, bucket in zip(tables, buckets):
+        if not len(table):
+            dev_tables.append(None)
+            continue
+        if saved_buffer(bucket, table) is None:
+            return False
+        dev = device_table(bucket, table, chunk)
+        if dev is None:
+            return False
+        dev_tables.append(dev)
+    hyper = hyper_tensor(update.hyper, k4_restore_step.HYPER_WIDTH, device)
+    keys = {"sgd": ("momentum_buffer", None), "adam": ("exp_avg", "exp_avg_sq")}[update.kind]
+    for table, bucket, dev, flats in zip(tables, buckets, dev_tables, update.state):
+        if dev is None or not dev.n_rows:
+            continue
+        saved = saved_buffer(bucket, table)
+        state1, state2 = (flats.get(key, saved) if key else saved for key in keys)
+        k4_restore_step.launch_restore_step(
+            dev, saved, hyper, state1, state2, update.kind, not table.out_of_place, programs, chunk
+        )
+    return True

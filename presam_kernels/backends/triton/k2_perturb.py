@@ -6,6 +6,10 @@ scale on the device, recomputes c u exactly as K1 did, and writes.
 A skipped step (non-finite norm or found_inf > 0) still writes backup = x (so
 restore is exact) but leaves x and m untouched. Rows with perturbed = False
 (rho == 0) only update m.
+
+OUT_OF_PLACE: the flat buffer passed as ``backup`` is the bucket's adversarial
+buffer; K2 writes x + e there (x itself when skipped) and never writes x, so
+SAM's own traffic is 16 B per fp32 element (DESIGN.md section 3).
 """
 from __future__ import annotations
 
@@ -24,10 +28,12 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 def _perturb_chunk(
     idx, length, g_ptr, x_ptr, m_ptr, b_ptr, is_weight, perturbed, ok, factor, first,
     ema_weight, one_minus_weight, alpha, delta, eta,
-    OBJECTIVE: tl.constexpr, CONSTRAINT: tl.constexpr, FIRST_STEP: tl.constexpr, MASKED: tl.constexpr,
+    OBJECTIVE: tl.constexpr, CONSTRAINT: tl.constexpr, FIRST_STEP: tl.constexpr, OUT_OF_PLACE: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """m <- m_new (unless skipped); backup <- x and x <- x + e (perturbed rows,
-    x only unless skipped) over one chunk; MASKED only for a row's last chunk."""
+    x only unless skipped) over one chunk; MASKED only for a row's last chunk.
+    OUT_OF_PLACE: b_ptr is the adversarial slice, written x + e (or x)."""
     in_row = idx < length if MASKED else None
     other = 0.0 if MASKED else None
     mask = in_row if MASKED else True
@@ -43,9 +49,13 @@ def _perturb_chunk(
     )
     if OBJECTIVE != GRADIENT:
         tl.store(m_ptr + idx, m_new, mask=mask & ok)
-    tl.store(b_ptr + idx, x_raw, mask=mask & perturbed)
     e = c * cu * factor
-    tl.store(x_ptr + idx, (x + e).to(x_raw.dtype), mask=mask & perturbed & ok)
+    x_adv = (x + e).to(x_raw.dtype)
+    if OUT_OF_PLACE:
+        tl.store(b_ptr + idx, tl.where(ok, x_adv, x_raw), mask=mask & perturbed)
+    else:
+        tl.store(b_ptr + idx, x_raw, mask=mask & perturbed)
+        tl.store(x_ptr + idx, x_adv, mask=mask & perturbed & ok)
 
 
 @triton.jit
@@ -70,6 +80,7 @@ def _perturb_kernel(
     OBJECTIVE: tl.constexpr,
     CONSTRAINT: tl.constexpr,
     FIRST_STEP: tl.constexpr,
+    OUT_OF_PLACE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     WRITE_NORM: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -116,23 +127,24 @@ def _perturb_kernel(
         while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
             _perturb_chunk(
                 chunk * BLOCK + lanes, length, g_ptr, x_ptr, m_ptr, b_ptr, is_weight, perturbed, ok, factor, first,
-                ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, False,
+                ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, OUT_OF_PLACE, False,
             )
             chunk += num_programs
         if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
             _perturb_chunk(
                 chunk * BLOCK + lanes, length, g_ptr, x_ptr, m_ptr, b_ptr, is_weight, perturbed, ok, factor, first,
-                ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, True,
+                ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, OUT_OF_PLACE, True,
             )
         r += 1
 
 
 def launch_perturb(
     dev_table, backup, grad_ema, first, partials, n_partials, rhos, found_inf, norm, skipped,
-    programs, block, spec_args, eps_norm, switches, write_norm,
+    programs, block, spec_args, eps_norm, switches, write_norm, out_of_place=False,
 ):
     """K2 over one bucket; the program 0 of the launch with ``write_norm``
-    stores the norm and the skip flag."""
+    stores the norm and the skip flag. ``out_of_place``: ``backup`` is the
+    adversarial buffer."""
     _perturb_kernel[(programs,)](
         dev_table.rows,
         dev_table.n_rows,
@@ -147,6 +159,7 @@ def launch_perturb(
         skipped,
         *spec_args,
         eps_norm,
+        OUT_OF_PLACE=out_of_place,
         HAS_FOUND_INF=found_inf is not None,
         WRITE_NORM=write_norm,
         ALIGNED=dev_table.aligned,

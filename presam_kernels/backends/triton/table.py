@@ -3,7 +3,8 @@
 One table per bucket: a row per ``Table`` row, ``ROW_WIDTH`` int64 each::
 
     0 param address   1 grad address   2 length (elements)
-    3 offset of the row in the bucket's flat backup / grad_ema (elements)
+    3 offset of the row in the bucket's flat buffers (backup or adversarial,
+      grad_ema, the base optimizer's state) (elements)
     4 index of the row's first chunk among all chunks of the table
     5 param group index (into the per-group rho tensor)
     6 flags: FLAG_WEIGHT (ASAM constraint applies), FLAG_PERTURBED (rho != 0)
@@ -127,10 +128,16 @@ def _plain(t) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
 
 
+def saved_buffer(bucket, table):
+    """The flat buffer K2 writes besides x: the adversarial buffer for an
+    out-of-place table, else the backup."""
+    return bucket.adversarial if table.out_of_place else bucket.backup
+
+
 def device_table(bucket, table, chunk: int) -> DeviceTable | None:
     """The device table of ``table`` (rows of ``bucket``), cached; None when a
     row cannot be walked as linear memory (the caller falls back to eager)."""
-    backup = bucket.backup
+    backup = saved_buffer(bucket, table)
     ema = bucket.grad_ema
     key = (
         chunk,
@@ -167,9 +174,9 @@ def _row_is_linear(bucket, table, i) -> bool:
         return False
     if not _non_overlapping_and_dense(p):
         return False
-    esize = bucket.backup.element_size()
-    b = table.backups[i]
-    if b.stride() != p.stride() or b.data_ptr() != bucket.backup.data_ptr() + table.offsets[i] * esize:
+    flat = saved_buffer(bucket, table)
+    b = (table.adversarials if table.out_of_place else table.backups)[i]
+    if b.stride() != p.stride() or b.data_ptr() != flat.data_ptr() + table.offsets[i] * flat.element_size():
         return False
     if table.grad_emas is not None:
         m = table.grad_emas[i]
@@ -181,7 +188,8 @@ def _row_is_linear(bucket, table, i) -> bool:
 def _build(bucket, table, chunk: int) -> DeviceTable | None:
     rows = []
     chunk_start = 0
-    aligned = bucket.backup.data_ptr() % 16 == 0 and (bucket.grad_ema is None or bucket.grad_ema.data_ptr() % 16 == 0)
+    flat = saved_buffer(bucket, table)
+    aligned = flat.data_ptr() % 16 == 0 and (bucket.grad_ema is None or bucket.grad_ema.data_ptr() % 16 == 0)
     for i in range(len(table)):
         length = table.lengths[i]
         if length == 0:
@@ -233,6 +241,37 @@ def rho_tensor(rhos, device: torch.device) -> torch.Tensor:
             for r in rhos
         ]
     )
+
+
+def hyper_tensor(rows, width: int, device: torch.device) -> torch.Tensor:
+    """Per-group rows of hyperparameters as a [groups, width] fp32 device
+    tensor, without a host read: rows of floats are copied (non-blocking) and
+    cached per distinct value tuple; a row holding tensors is stacked on the device."""
+    if all(not isinstance(v, torch.Tensor) for row in rows for v in row):
+        key = (device, width, tuple(tuple(float(v) for v in row) for row in rows))
+        found = _rho_cache.get(key)
+        if found is None:
+            host = torch.zeros(len(rows), width, dtype=torch.float32)
+            for k, row in enumerate(key[2]):
+                host[k, : len(row)] = torch.tensor(row, dtype=torch.float64)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            found = (host.to(device, non_blocking=True), host)
+            if len(_rho_cache) >= _RHO_CACHE_SIZE:
+                _rho_cache.pop(next(iter(_rho_cache)))
+            _rho_cache[key] = found
+        return found[0]
+    out = torch.zeros(len(rows), width, dtype=torch.float32, device=device)
+    for k, row in enumerate(rows):
+        out[k, : len(row)] = torch.stack(
+            [
+                v.detach().to(device=device, dtype=torch.float32).reshape(())
+                if isinstance(v, torch.Tensor)
+                else torch.tensor(float(v), dtype=torch.float64).to(torch.float32).to(device)
+                for v in row
+            ]
+        )
+    return out
 
 
 _partials: dict = {}
