@@ -114,9 +114,11 @@ class Bucket:
     backup: torch.Tensor | None = None
     grad_ema: torch.Tensor | None = None
     grad_ema_prev: torch.Tensor | None = None
+    direction_scratch: torch.Tensor | None = None
     flat_param: torch.Tensor | None = None
     flat_grad: torch.Tensor | None = None
     adversarial: torch.Tensor | None = None
+    adversarial_views: list | None = None
     # The base optimizer's state kept flat when its update is fused
     # (base_update.py): key (torch's state key) -> flat buffer, and the
     # per-parameter views handed out as optimizer.state[p][key].
@@ -173,7 +175,15 @@ class Bucket:
     def ensure_adversarial(self):
         if self.adversarial is None:
             self.adversarial = self.new_flat()
+            self.adversarial_views = None
         return self.adversarial
+
+    def adversarial_view(self, i: int) -> torch.Tensor:
+        """Parameter i's slice of the adversarial buffer; made once (a view
+        costs microseconds, and out of place switches to it every step)."""
+        if self.adversarial_views is None:
+            self.adversarial_views = [self.view(self.adversarial, k) for k in range(len(self.params))]
+        return self.adversarial_views[i]
 
     def release_backup(self):
         """Out-of-place mode needs no backup: free it."""
@@ -192,6 +202,13 @@ class Bucket:
         if self.grad_ema is None:
             self.grad_ema = self.new_flat(torch.float32)
         return self.grad_ema
+
+    def ensure_direction_scratch(self):
+        """fp32 room for the direction u of the EMA objectives (eager CPU path):
+        kept, because a fresh full-size temporary each step costs page faults."""
+        if self.direction_scratch is None:
+            self.direction_scratch = self.new_flat(torch.float32)
+        return self.direction_scratch
 
     def ensure_grad_ema_prev(self):
         if self.grad_ema_prev is None:

@@ -23,7 +23,7 @@ def _fp32(tensors):
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
 
 
-def _direction(spec: Preconditioner, g, m, first):
+def _direction(spec: Preconditioner, g, m, first, scratch):
     """u (possibly scaled by delta, see below) and the EMA's next value m_new.
 
     ``first`` is True when the host knows no EMA step has happened yet, else a
@@ -38,6 +38,8 @@ def _direction(spec: Preconditioner, g, m, first):
         return g, None
     if first is True:
         return g, g
+    if first is False:
+        return _direction_known_ready(spec, g, m, scratch)
     if spec.objective is Objective.EMA:
         weight = spec.ema_weight + (1.0 - spec.ema_weight) * first  # 1 on the first step: m = g
         m_new = torch._foreach_sub(g, m)
@@ -55,6 +57,31 @@ def _direction(spec: Preconditioner, g, m, first):
     torch._foreach_mul_(u, g)  # u' = g / (1 + belief / delta)
     torch._foreach_add_(gap, g)  # m_new = g + alpha * (m_old - g)
     return u, gap
+
+
+def _direction_known_ready(spec: Preconditioner, g, m, scratch):
+    """_direction when the host knows the EMA is running (``first`` False, as
+    on the CPU): u is written into ``scratch`` in as few passes as torch
+    allows (3 for infoSAM, against 7 with the blended formulas), and m_new
+    is returned as a callable that writes it into m in one more pass."""
+    if spec.objective is Objective.EMA:
+        for s, mi, gi in zip(scratch, m, g):
+            torch.lerp(mi, gi, spec.ema_weight, out=s)  # m + theta (g - m)
+        return scratch, scratch
+    alpha = 1.0 - spec.ema_weight
+    for s, mi, gi in zip(scratch, m, g):
+        torch.sub(mi, gi, out=s)
+        torch.addcmul(_ONE, s, s, value=alpha * alpha / spec.delta, out=s)  # 1 + belief / delta
+        torch.div(gi, s, out=s)  # u' = g / (1 + belief / delta)
+
+    def m_new_into(targets):
+        for t, mi, gi in zip(targets, m, g):
+            torch.lerp(gi, mi, alpha, out=t)  # g + alpha (m_old - g)
+
+    return scratch, m_new_into
+
+
+_ONE = torch.ones(())
 
 
 def _constraint(spec: Preconditioner, table, g):
@@ -112,10 +139,17 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     EMA <- m_new (out-of-place tables: adversarial <- x + e instead).  A non-finite norm or ``found_inf`` > 0 perturbs nothing and
     keeps the EMA.  Returns (norm, skipped) as 0-d fp32/bool device tensors."""
     device = buckets[0].device
+    if device.type == "cpu" and isinstance(first, torch.Tensor):
+        first = bool(first)  # synchronous device: reading the flag stalls nothing
     work, partials = [], []
-    for table in tables:
+    for table, bucket in zip(tables, buckets):
         g = _fp32(table.grads)
-        u, m_new = _direction(spec, g, table.grad_emas, first)
+        scratch = None
+        if first is False and spec.objective.has_state and len(table):
+            flat = bucket.ensure_direction_scratch()
+            scratch = [flat.as_strided(t.size(), t.stride(), flat.storage_offset() + off)
+                       for t, off in zip(table.grad_emas, table.offsets)]
+        u, m_new = _direction(spec, g, table.grad_emas, first, scratch)
         c = _constraint(spec, table, g)
         cu = _mul_where(c, u)
         work.append((c, cu, m_new))
@@ -149,7 +183,9 @@ def _apply(table, c, cu, m_new, scale, skipped, rhos):
     on_host = device.type == "cpu"
     skip_now = on_host and bool(skipped)
     if m_new is not None and not skip_now:
-        if on_host:
+        if callable(m_new):
+            m_new(table.grad_emas)
+        elif on_host:
             torch._foreach_copy_(table.grad_emas, m_new)
         else:
             for m, new in zip(table.grad_emas, m_new):
