@@ -360,3 +360,35 @@ def test_amp_overflow_skips_the_fused_update(overflow):
         assert torch.equal(p, b)
         assert torch.equal(opt.state[p]["momentum_buffer"], m)
     assert scaler.get_scale() == 2.0**7
+
+
+@pytest.mark.parametrize("perturb", ["in_place", "out_of_place"])
+def test_group_with_rho_zero_is_updated_from_x_itself(perturb):
+    params = make_params()
+    scales = curvature(params)
+    groups = [{"params": params[:2]}, {"params": params[2:], "rho": 0.0}]
+    opt = SAM(groups, torch.optim.SGD, rho=0.05, backend="triton", lr=0.02, momentum=0.9, perturb=perturb)
+    check_steps_against_torch_groups(opt, params, scales)
+
+
+def check_steps_against_torch_groups(opt, params, scales):
+    """As check_steps_against_torch, one reference optimizer per param group."""
+    saved = [p.detach().clone() for p in params]
+    backward(params, scales)
+    opt.first_step(zero_grad=True)
+    backward(params, scales)
+    refs = []
+    for group in opt.param_groups:
+        ref_params = [torch.zeros_like(p, requires_grad=True) for p in group["params"]]
+        ref = torch.optim.SGD(ref_params, lr=0.0)
+        ref.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+        with torch.no_grad():
+            for rp, p in zip(ref_params, group["params"]):
+                rp.copy_(saved[next(i for i, q in enumerate(params) if q is p)])
+                rp.grad = p.grad.clone()
+        ref.step()
+        refs += ref_params
+    opt.second_step(zero_grad=True)
+    assert opt.last_step_fused
+    for k, (p, rp) in enumerate(zip(params, refs)):
+        assert_within_ulp(p, rp, 2, f"param {k}")
