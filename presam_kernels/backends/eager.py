@@ -63,7 +63,7 @@ def _direction_known_ready(spec: Preconditioner, g, m, scratch):
     """_direction when the host knows the EMA is running (``first`` False, as
     on the CPU): u is written into ``scratch`` in as few passes as torch
     allows (3 for infoSAM, against 7 with the blended formulas), and m_new
-    is returned as a callable that writes it into m in one more pass."""
+    is returned as a callable that writes it into m (2 more passes)."""
     if spec.objective is Objective.EMA:
         for s, mi, gi in zip(scratch, m, g):
             torch.lerp(mi, gi, spec.ema_weight, out=s)  # m + theta (g - m)
@@ -76,7 +76,10 @@ def _direction_known_ready(spec: Preconditioner, g, m, scratch):
 
     def m_new_into(targets):
         for t, mi, gi in zip(targets, m, g):
-            torch.lerp(gi, mi, alpha, out=t)  # g + alpha (m_old - g)
+            # g + alpha * (m_old - g), rounded as the Triton kernels and DESIGN.md
+            # form it (torch.lerp rounds differently: 1 ulp of g off near m = g).
+            torch.sub(mi, gi, out=t)
+            torch.add(gi, t, alpha=alpha, out=t)
 
     return scratch, m_new_into
 
