@@ -18,7 +18,7 @@ WEIGHT_DECAY = 5e-4
 # Default radius per variant. sam, asam and infosam: the best final test
 # accuracy in the sweep on the default task (digits, 40% label noise, 30
 # epochs, seeds 10,11, disjoint from the default run's 0,1,2), recorded with
-# its commands in compare/README_SECTION.md:
+# its commands in the README ("How the default radii were chosen"):
 #   sam      0.05: 70.7  0.1: 76.0  0.2: 90.2  0.5: 97.6  1: 9.0 (diverged)
 #   asam     0.5: 73.4   1: 77.2    2: 90.9    5: 97.7    10: 69.9
 #   infosam  0.5..10: 69-74   20: 90.2   30: 96.4   50: 31.5   100: 9.0
