@@ -627,11 +627,12 @@ class PreSAM(Optimizer):
 # CPU (bench/RESULTS_traffic.md, 2-core EPYC, eager, 64 equal fp32 tensors,
 # in-place / out-of-place step time): 1.03 at 1K elements per tensor, 0.99 at
 # 8K, 1.18 at 64K, 1.21 at 512K; switching costs 0.6 us per tensor: never
-# measurably slower, so always out of place.  CUDA: NOT measured (no GPU yet);
-# estimated where 0.6 us per tensor of host work meets the 4 B per element
-# that out of place saves over the fused in-place step at ~3 TB/s (~450K
-# elements); replace with the H100 crossover.
-_OUT_OF_PLACE_MIN_AVG = {"cpu": 0, "cuda": 1 << 19}
+# measurably slower, so always out of place.  CUDA: in place until measured
+# (no GPU yet; the estimate, where 0.6 us per tensor of host work meets the
+# 4 B per element saved at ~3 TB/s, is ~450K elements per tensor), and in
+# place is what CUDA-graph capture needs: the switch of .data is host work a
+# replay would not repeat.  Replace with the H100 crossover once measured.
+_OUT_OF_PLACE_MIN_AVG = {"cpu": 0}
 
 
 def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:
