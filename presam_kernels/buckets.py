@@ -92,10 +92,6 @@ class Table:
     def __len__(self):
         return len(self.params)
 
-    def addresses(self) -> tuple:
-        """Host-side key of the table: changes whenever a tensor moved."""
-        return tuple((p.data_ptr(), g.data_ptr()) for p, g in zip(self.params, self.grads))
-
 
 @dataclass(eq=False)
 class Bucket:
@@ -185,9 +181,6 @@ class Bucket:
             self.adversarial_views = [self.view(self.adversarial, k) for k in range(len(self.params))]
         return self.adversarial_views[i]
 
-    def release_backup(self):
-        """Out-of-place mode needs no backup: free it."""
-        self.backup = None
 
     def ensure_base_state(self, key: str) -> list:
         """The per-parameter views (parameter dtype, zeros when new) of the flat

@@ -51,10 +51,6 @@ class Preconditioner:
         object.__setattr__(self, "objective", Objective(self.objective))
         object.__setattr__(self, "constraint", Constraint(self.constraint))
 
-    @property
-    def reads_param_for_constraint(self) -> bool:
-        return self.constraint in (Constraint.ADAPTIVE, Constraint.ASAM)
-
 
 def check_finite_number(name: str, value, low=None, high=None, low_open=False, high_open=False, hint=""):
     """Raise ValueError naming ``name`` unless low (<|<=) value (<|<=) high."""
