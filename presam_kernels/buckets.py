@@ -196,11 +196,13 @@ class Bucket:
             self.grad_ema = self.new_flat(torch.float32)
         return self.grad_ema
 
-    def ensure_direction_scratch(self):
-        """fp32 room for the direction u of the EMA objectives (eager CPU path):
-        kept, because a fresh full-size temporary each step costs page faults."""
-        if self.direction_scratch is None:
-            self.direction_scratch = self.new_flat(torch.float32)
+    def ensure_direction_scratch(self, slots: int):
+        """``slots`` fp32 flat buffers (as one tensor of slots x numel) for the
+        eager CPU path of the EMA objectives (the direction u, infoSAM's gap
+        m - g): kept, because a fresh full-size temporary each step costs
+        more in page faults than the pass that fills it."""
+        if self.direction_scratch is None or self.direction_scratch.shape[0] != slots:
+            self.direction_scratch = torch.zeros(slots, self.numel, dtype=torch.float32, device=self.device)
         return self.direction_scratch
 
     def ensure_grad_ema_prev(self):
