@@ -142,8 +142,9 @@ def unscale_(tables, inv_scale, found_inf):
 
 def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     """x <- x + e for every row (one global norm over all tables), backup <- x,
-    EMA <- m_new (out-of-place tables: adversarial <- x + e instead).  A non-finite norm or ``found_inf`` > 0 perturbs nothing and
-    keeps the EMA.  Returns (norm, skipped) as 0-d fp32/bool device tensors."""
+    EMA <- m_new (out-of-place tables: adversarial <- x + e instead).  A
+    non-finite norm or ``found_inf`` > 0 perturbs nothing and keeps the EMA.
+    Returns (norm, skipped) as 0-d fp32/bool device tensors."""
     device = buckets[0].device
     if device.type == "cpu" and isinstance(first, torch.Tensor):
         first = bool(first)  # synchronous device: reading the flag stalls nothing

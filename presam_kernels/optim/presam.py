@@ -291,7 +291,7 @@ class PreSAM(Optimizer):
             if isinstance(rho, torch.Tensor):
                 perturbed.append(True)  # a device tensor is never read on the host
             else:
-                check_finite_number(f"param_groups[{k}]['rho']", rho, low=0.0, hint="; use rho >= 0")
+                _check_rho(rho, where=f"param_groups[{k}]['rho']")
                 perturbed.append(rho != 0)
             rhos.append(rho)
         return rhos, perturbed
