@@ -23,8 +23,8 @@ status=0
 fail() { [[ $status -eq 0 ]] && status=$1; }
 start=$SECONDS
 
-echo "== 1. GPU-only tests: pytest -m gpu tests"
-timeout 60 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
+echo "== 1. GPU-only tests: pytest -m gpu tests (Inductor compiles included)"
+timeout 150 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 rc=$?
 case $rc in
   0) ;;

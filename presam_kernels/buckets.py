@@ -84,6 +84,7 @@ class Table:
     # What a backend's perturb leaves for its restore (the Triton launch plan).
     backend_state: object = None
     adversarials: list | None = None
+    merged: bool = False  # flatten=True rows spanning several parameters
 
     @property
     def out_of_place(self) -> bool:
@@ -262,13 +263,15 @@ class Bucket:
                 p.grad = self.view(self.flat_grad, i)
 
     # -- the per-step table ---------------------------------------------
-    def table(self, group_perturbed, out_of_place: bool = False) -> Table:
+    def table(self, group_perturbed, out_of_place: bool = False, merge: bool = True) -> Table:
         """The rows with a gradient this step.  ``group_perturbed[k]`` says
         whether param group k has a nonzero rho; ``out_of_place`` gives the
-        rows adversarial slices instead of backups."""
+        rows adversarial slices instead of backups; ``merge=False`` keeps one
+        row per parameter with flatten=True too (the rows then reach the
+        parameters through the tensors themselves, not the flat buffers)."""
         ema = self.grad_ema
         rows = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if self.flatten:
+        if self.flatten and merge:
             return self._merged_table(rows, group_perturbed, out_of_place)
         saved = self.ensure_adversarial() if out_of_place else self.ensure_backup()
         views = [self.view(saved, i) for i in rows]
@@ -296,7 +299,7 @@ class Bucket:
                 runs[-1][1] = i
             else:
                 runs.append([i, i])
-        table = Table([], [], [], None if self.grad_ema is None else [], [], [], [], [], [])
+        table = Table([], [], [], None if self.grad_ema is None else [], [], [], [], [], [], merged=True)
         if out_of_place:
             table.adversarials = table.backups
         for first, last in runs:

@@ -5,7 +5,9 @@ resume, and loading a checkpoint of the common SAM wrapper.
 """
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -201,6 +203,36 @@ def test_resume_from_state_dict_is_bit_identical_to_an_uninterrupted_run(variant
                 assert torch.equal(value, resumed_opt.state[q][key]), f"state[{name}][{key!r}] differs"
             else:
                 assert value == resumed_opt.state[q][key]
+
+
+# ---------------------------------------------------------------------------
+# copies of the whole optimizer
+# ---------------------------------------------------------------------------
+@MODES
+@pytest.mark.parametrize("variant", WITH_EMA[:1] + ["SAM+SGD"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_model_and_optimizer_continues_like_the_original(variant, flatten, how):
+    """copy.deepcopy / pickle of (model, optimizer) mid-training: the copy
+    steps on, bit for bit like the original, and leaves the original alone
+    (flat buffers and parameter views stay shared within the copy)."""
+    build, _ = VARIANTS[variant]
+    model = make_model()
+    opt = build(model.parameters(), flatten)
+    for k in range(2):
+        two_step(model, opt, batch(k))
+    if how == "deepcopy":
+        twin, twin_opt = copy.deepcopy((model, opt))
+    else:
+        twin, twin_opt = pickle.loads(pickle.dumps((model, opt)))
+    frozen = [p.detach().clone() for p in model.parameters()]
+    for k in range(2, 5):
+        two_step(twin, twin_opt, batch(k))
+    for p, q in zip(model.parameters(), frozen):
+        assert torch.equal(p.detach(), q), "stepping the copy moved the original"
+    for k in range(2, 5):
+        two_step(model, opt, batch(k))
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p.detach(), q.detach()), f"{name}: the copy diverged from the original"
 
 
 # ---------------------------------------------------------------------------

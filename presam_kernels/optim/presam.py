@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from .. import backends, base_update
 from ..buckets import build_buckets, local
 from ..preconditioners import Constraint, Objective, Preconditioner, check_finite_number
-from . import amp
+from . import amp, library_ops
 
 # Keys of ours in optimizer.state[p], beside the base optimizer's own keys
 # (exp_avg, momentum_buffer, ...): chosen so that they cannot collide.
@@ -212,8 +212,29 @@ class PreSAM(Optimizer):
         self._ema_ready = {}  # device -> 0-d fp32 tensor, 1.0 once the EMA had a finite step
         self.skipped_steps = None  # device tensor, created on the first step
         self.last_perturbation_norm = None
+        # torch.compile: the handle the traced steps pass to the presam:: ops,
+        # and whether a step runs on the op's operands (library_ops).
+        self._handle = library_ops.register(self)
+        self._bound_to_operands = False
         if flatten:
             self._ensure_buckets()
+
+    def __getstate__(self):
+        """Everything (torch's Optimizer keeps only groups, state and defaults,
+        which is not enough to step), but the backend by name: a module does
+        not pickle."""
+        state = dict(self.__dict__)
+        backend = state.pop("_backend", None)
+        state["_backend_name"] = None if backend is None else backend.name
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        name = state.pop("_backend_name", None)
+        super().__setstate__(state)
+        if name is not None:
+            self._backend = backends.get(name)
+        self._handle = library_ops.register(self)  # a copy is another optimizer
 
     # -- parameters and buckets --------------------------------------------
     def _params(self):
@@ -238,7 +259,8 @@ class PreSAM(Optimizer):
         flatten=True, a parameter or gradient found replaced is copied back in."""
         key = self._layout_key()
         if self._buckets is not None and key == self._layout:
-            if self.flatten and not self._switched:  # never copy x + e into the flat parameters
+            # Never copy x + e into the flat parameters, nor an op's operands.
+            if self.flatten and not self._switched and not self._bound_to_operands:
                 for bucket in self._buckets:
                     for i in range(len(bucket.params)):
                         if not bucket.in_place(i):
@@ -307,7 +329,27 @@ class PreSAM(Optimizer):
     # -- the two steps ------------------------------------------------------
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler=None):
-        """x <- x + e (the adversarial point), saving x; call after the first backward."""
+        """x <- x + e (the adversarial point), saving x; call after the first backward.
+
+        Under ``torch.compile`` the step is one ``presam::first_step_`` op
+        (``library_ops``), always in place (no GradScaler there)."""
+        if torch.compiler.is_compiling():
+            self._check_traceable(grad_scaler)
+            library_ops.first_step_op(self._handle, *library_ops.operands(self))
+        else:
+            self._first_step_eager(grad_scaler)
+        if zero_grad:
+            self.zero_grad()
+
+    @staticmethod
+    def _check_traceable(grad_scaler):
+        if grad_scaler is not None:
+            raise NotImplementedError(
+                "grad_scaler is not supported under torch.compile; call first_step/second_step "
+                "outside the compiled region when training with a GradScaler"
+            )
+
+    def _first_step_eager(self, grad_scaler=None):
         if self._pending is not None:
             raise RuntimeError(
                 "first_step() was called twice in a row; call second_step() (or restore()) "
@@ -316,7 +358,9 @@ class PreSAM(Optimizer):
         rhos, perturbed = self._group_rhos()
         self._check_grads()
         buckets = self._ensure_buckets()
-        tables = [b.table(perturbed, out_of_place=self._out_of_place(b)) for b in buckets]
+        tables = [
+            b.table(perturbed, out_of_place=self._out_of_place(b), merge=not self._bound_to_operands) for b in buckets
+        ]
         scaler = amp.active(grad_scaler)
         found_inf = amp.unscale_first_pass(self, scaler, tables, self._backend) if scaler else None
 
@@ -341,8 +385,6 @@ class PreSAM(Optimizer):
         self._first_found_inf = skipped if scaler is not None else None
         self._pending = tables
         self._pending_perturbed = perturbed
-        if zero_grad:
-            self.zero_grad()
 
     def _ready_flag(self, device):
         if device not in self._ema_ready:
@@ -370,6 +412,13 @@ class PreSAM(Optimizer):
         found_second = amp.unscale_second_pass(self, scaler, self._pending) if scaler else None
         tables, perturbed = self._pending, self._pending_perturbed
         self._pending = self._pending_perturbed = None
+        if self._bound_to_operands and any(t.merged or t.out_of_place for t in tables):
+            self._pending, self._pending_perturbed = tables, perturbed
+            raise RuntimeError(
+                "first_step() ran outside torch.compile and second_step() inside it, with flat rows "
+                "or out-of-place perturbation, which the compiled step cannot undo; compile both "
+                "steps or neither (opt.restore() puts the parameters back at x)"
+            )
         self._switch_back()
         self.last_step_fused = False
         if scaler is not None:
@@ -395,8 +444,10 @@ class PreSAM(Optimizer):
     # -- out-of-place perturbation and the fused base update ----------------
     def _out_of_place(self, bucket) -> bool:
         """Whether ``bucket`` is perturbed out of place this step."""
-        if self.perturb_mode == "in_place" or bucket.mesh is not None:
-            return False  # DTensor parameters: their .data is not ours to re-point
+        if self.perturb_mode == "in_place" or bucket.mesh is not None or self._bound_to_operands:
+            # DTensor parameters: their .data is not ours to re-point; under
+            # torch.compile the op's operands are only bound for one step.
+            return False
         if self.perturb_mode == "out_of_place":
             return True
         threshold = _OUT_OF_PLACE_MIN_AVG.get(bucket.device.type)
@@ -430,12 +481,12 @@ class PreSAM(Optimizer):
         if kind is None or self._layout_key() != self._layout:
             return False
         buckets = self._buckets
-        if self.flatten:
+        if self.flatten and not self._bound_to_operands:
             for bucket in buckets:
                 for i in range(len(bucket.params)):
                     if not bucket.in_place(i):
                         bucket.readopt(i)
-        now = [b.table(perturbed, out_of_place=t.out_of_place) for b, t in zip(buckets, tables)]
+        now = [b.table(perturbed, out_of_place=t.out_of_place, merge=t.merged) for b, t in zip(buckets, tables)]
         if any(n.offsets != t.offsets or n.lengths != t.lengths for n, t in zip(now, tables)):
             return False  # the second pass's gradients cover other rows than the perturbation
         plan = base_update.plan(kind, self.base_optimizer, buckets, self.state)
@@ -473,7 +524,15 @@ class PreSAM(Optimizer):
 
     def second_step(self, zero_grad: bool = False, grad_scaler=None):
         """Restore x exactly and let the base optimizer step with the gradient
-        taken at x + e; counts as the optimizer's step (hooks, schedulers)."""
+        taken at x + e; counts as the optimizer's step (hooks, schedulers).
+
+        Under ``torch.compile``: one ``presam::second_step_`` op."""
+        if torch.compiler.is_compiling():
+            self._check_traceable(grad_scaler)
+            library_ops.second_step_op(self._handle, *library_ops.operands(self))
+            if zero_grad:
+                self.zero_grad()
+            return None
         return self._hooked_second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
 
     @Optimizer.profile_hook_step
@@ -526,11 +585,24 @@ class PreSAM(Optimizer):
         gradients allocated and zeroes them in one op per bucket."""
         if set_to_none is None:
             set_to_none = not self.flatten
-        if self.flatten and not set_to_none and self._buckets is not None:
+        if torch.compiler.is_compiling():
+            self._traced_zero_grad(set_to_none)
+        elif self.flatten and not set_to_none and self._buckets is not None:
             for b in self._buckets:
                 b.zero_flat_grad()
-            return
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        else:
+            self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _traced_zero_grad(self, set_to_none: bool):
+        """zero_grad as torch.compile can trace it (torch's own is skipped by
+        dynamo), per tensor: with flatten=True a gradient may not be in the
+        flat buffer yet (compiled steps adopt none)."""
+        for p in self._params():
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
 
     def add_param_group(self, param_group):
         if not hasattr(self, "base_optimizer"):  # called from Optimizer.__init__

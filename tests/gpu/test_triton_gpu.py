@@ -128,3 +128,116 @@ def test_element_indices_beyond_int32_bf16():
     if free < 24 * 2**30:
         pytest.skip("needs 24 GiB of free GPU memory")
     _big_step(2**31 + 5, torch.bfloat16)
+
+
+# -- the whole optimizer: CUDA graphs and torch.compile -------------------------
+def _graph_model_and_optimizer(case):
+    """flatten=True, rho and lr as device tensors, a StepLR on the optimizer;
+    InfoSAM's base is Adam with capturable=True (its step count on the device)."""
+    from presam_kernels import SAM, InfoSAM
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 10)).to(DEVICE)
+    rho = torch.tensor(0.05, device=DEVICE)
+    if case == "sam_sgd":
+        lr = torch.tensor(0.05, device=DEVICE)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr, momentum=0.9, flatten=True, backend="triton")
+    else:
+        lr = torch.tensor(1e-3, device=DEVICE)
+        opt = InfoSAM(model.parameters(), torch.optim.Adam, rho=rho, lr=lr, capturable=True, flatten=True,
+                      backend="triton")
+    return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+
+
+def _sam_step(model, opt, x, y):
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+
+def _batches(n):
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    return [(torch.randn(32, 64, generator=gen, device=DEVICE), torch.randint(0, 10, (32,), generator=gen,
+                                                                               device=DEVICE)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("case", ["sam_sgd", "infosam_adam"])
+def test_whole_sam_step_captured_in_a_cuda_graph_replays_like_eager(case):
+    """Forward, both backwards, first_step and second_step in one CUDA graph:
+    each replay on new data matches the eager run, and the scheduler's lr
+    (written into the lr tensor) reaches the replays."""
+    model, opt, scheduler = _graph_model_and_optimizer(case)
+    ref, ref_opt, ref_scheduler = _graph_model_and_optimizer(case)
+    batches = _batches(7)
+    warmup = 3
+    static_x, static_y = (t.clone() for t in batches[0])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up off the capture stream: Triton compiles, state and tables exist
+        for x, y in batches[:warmup]:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            _sam_step(model, opt, static_x, static_y)
+            scheduler.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for x, y in batches[:warmup]:
+        _sam_step(ref, ref_opt, x, y)
+        ref_scheduler.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _sam_step(model, opt, static_x, static_y)
+    for x, y in batches[warmup:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        scheduler.step()
+        _sam_step(ref, ref_opt, x, y)
+        ref_scheduler.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    initial_lr = 0.05 if case == "sam_sgd" else 1e-3
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(initial_lr * 0.7 ** len(batches))
+
+
+@pytest.mark.parametrize(("variant", "flatten"), [("sam_sgd", False), ("infosam_adamw", True)],
+                         ids=["sam_sgd-per_tensor", "infosam_adamw-flatten"])  # two cases: Inductor compiles are slow
+def test_torch_compile_inductor_fullgraph_first_step_matches_eager(variant, flatten):
+    """Inductor on CUDA, fullgraph: the Triton backend's first_step and the
+    forward at x + e in one graph, second_step in another, against eager."""
+    from presam_kernels import SAM, InfoSAM
+
+    torch._dynamo.reset()
+    batches = _batches(3)
+    results = []
+    for compile_steps in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 10)).to(DEVICE)
+        if variant == "sam_sgd":
+            opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, flatten=flatten,
+                      backend="triton")
+        else:
+            opt = InfoSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3, flatten=flatten, backend="triton")
+
+        def to_adversarial(x, y):
+            opt.first_step(zero_grad=True)
+            return torch.nn.functional.cross_entropy(model(x), y)
+
+        second = opt.second_step
+        if compile_steps:
+            to_adversarial = torch.compile(to_adversarial, fullgraph=True)
+            second = torch.compile(second, fullgraph=True)
+        losses = []
+        for x, y in batches:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            loss = to_adversarial(x, y)
+            losses.append(loss.item())
+            loss.backward()
+            second(zero_grad=True)
+        results.append((losses, [p.detach().clone() for p in model.parameters()], opt.last_step_fused))
+    (eager_losses, eager_params, eager_fused), (comp_losses, comp_params, comp_fused) = results
+    assert comp_losses == pytest.approx(eager_losses, rel=1e-4)
+    for p, q in zip(eager_params, comp_params):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert comp_fused == eager_fused
+    torch._dynamo.reset()

@@ -245,32 +245,29 @@ def rho_tensor(rhos, device: torch.device) -> torch.Tensor:
 
 def hyper_tensor(rows, width: int, device: torch.device) -> torch.Tensor:
     """Per-group rows of hyperparameters as a [groups, width] fp32 device
-    tensor, without a host read: rows of floats are copied (non-blocking) and
-    cached per distinct value tuple; a row holding tensors is stacked on the device."""
-    if all(not isinstance(v, torch.Tensor) for row in rows for v in row):
-        key = (device, width, tuple(tuple(float(v) for v in row) for row in rows))
-        found = _rho_cache.get(key)
-        if found is None:
-            host = torch.zeros(len(rows), width, dtype=torch.float32)
-            for k, row in enumerate(key[2]):
-                host[k, : len(row)] = torch.tensor(row, dtype=torch.float64)
-            if device.type == "cuda":
-                host = host.pin_memory()
-            found = (host.to(device, non_blocking=True), host)
-            if len(_rho_cache) >= _RHO_CACHE_SIZE:
-                _rho_cache.pop(next(iter(_rho_cache)))
-            _rho_cache[key] = found
+    tensor, without a host read: the floats are copied (non-blocking, from
+    pinned memory) once per distinct value tuple and cached; entries that are
+    tensors (an lr on the device) are written into a copy on the device, so
+    that a CUDA graph capture holds no host-to-device copy."""
+    tensors = {(k, j): v for k, row in enumerate(rows) for j, v in enumerate(row) if isinstance(v, torch.Tensor)}
+    floats = tuple(tuple(0.0 if (k, j) in tensors else float(v) for j, v in enumerate(row)) for k, row in enumerate(rows))
+    key = (device, width, floats)
+    found = _rho_cache.get(key)
+    if found is None:
+        host = torch.zeros(len(rows), width, dtype=torch.float32)
+        for k, row in enumerate(floats):
+            host[k, : len(row)] = torch.tensor(row, dtype=torch.float64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        found = (host.to(device, non_blocking=True), host)
+        if len(_rho_cache) >= _RHO_CACHE_SIZE:
+            _rho_cache.pop(next(iter(_rho_cache)))
+        _rho_cache[key] = found
+    if not tensors:
         return found[0]
-    out = torch.zeros(len(rows), width, dtype=torch.float32, device=device)
-    for k, row in enumerate(rows):
-        out[k, : len(row)] = torch.stack(
-            [
-                v.detach().to(device=device, dtype=torch.float32).reshape(())
-                if isinstance(v, torch.Tensor)
-                else torch.tensor(float(v), dtype=torch.float64).to(torch.float32).to(device)
-                for v in row
-            ]
-        )
+    out = found[0].clone()
+    for (k, j), v in tensors.items():
+        out[k, j] = v.detach().to(device=device, dtype=torch.float32).reshape(())
     return out
 
 
