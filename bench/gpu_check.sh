@@ -6,8 +6,8 @@
 #   PYTHONPATH=. bash bench/gpu_check.sh --dry    # anywhere: CPU, tiny sets, checks the plumbing
 #
 # Exit status: nonzero when a GPU test or a benchmark failed (or timed out).
-# Writes presam_bench_gpu*.json (and RESULTS.md with the GPU section filled in)
-# to $OUT when set, else to ${TMPDIR:-/tmp}; bench/report.py turns the JSON
+# Writes presam_bench_gpu*.json (and RESULTS.md with the GPU section filled in,
+# RESULTS_traffic_gpu.md with the traffic tables) to $OUT when set, else to ${TMPDIR:-/tmp}; bench/report.py turns the JSON
 # into bench/RESULTS.md's GPU section back home.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,6 +19,7 @@ DEST="${OUT:-${TMPDIR:-/tmp}}"
 mkdir -p "$DEST"
 JSON_MAIN="$DEST/presam_bench_gpu.json"
 JSON_COMPILED="$DEST/presam_bench_gpu_compiled.json"
+JSON_TRAFFIC="$DEST/presam_bench_gpu_traffic.json"
 status=0
 fail() { [[ $status -eq 0 ]] && status=$1; }
 start=$SECONDS
@@ -62,6 +63,16 @@ PRESAM_BENCH_SETS=resnet50 PRESAM_BENCH_DTYPES=fp32 PRESAM_BENCH_COMPILED=resnet
   --benchmark-json="$JSON_COMPILED" -p no:cacheprovider --benchmark-columns=median,iqr,rounds
 rc=$?
 [[ $rc -ne 0 ]] && { echo "compiled-loop benchmark FAILED (pytest exit $rc)"; fail "$rc"; }
+
+echo "== 3b. traffic modes (issue 7): GPT-2 medium fp32, in place / out of place / fused, and perturb=auto's crossover"
+PRESAM_BENCH_SETS=gpt2_medium PRESAM_BENCH_DTYPES=fp32 PRESAM_BENCH_ROUNDS=5 \
+  timeout 120 "$PY" -m pytest -q bench/test_traffic_modes.py --benchmark-only -k "traffic_modes or auto_crossover" \
+  --benchmark-json="$JSON_TRAFFIC" -p no:cacheprovider --benchmark-columns=median,iqr,rounds
+rc=$?
+[[ $rc -ne 0 ]] && { echo "traffic benchmark FAILED (pytest exit $rc)"; fail "$rc"; }
+if [[ -s "$JSON_TRAFFIC" ]]; then
+  "$PY" bench/test_traffic_modes.py "$JSON_TRAFFIC" | tee "$DEST/RESULTS_traffic_gpu.md" || fail 3
+fi
 
 echo "== 4. tables"
 jsons=()

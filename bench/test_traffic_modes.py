@@ -15,8 +15,10 @@ Providers:
 
 ``test_switch_cost``: the Python work of out-of-place mode alone: pointing
 every parameter's .data at its slice and back, per tensor.
-``test_auto_crossover``: eager in place vs out of place on uniform sets of
-64 tensors of a given size, to place perturb="auto"'s threshold.
+``test_auto_crossover``: in place vs out of place on uniform sets of 64
+tensors of a given size, to place perturb="auto"'s threshold: eager on the
+CPU, the Triton providers with the fused update on CUDA (what each device
+runs by default); the two largest sizes on CUDA only.
 
 Report: ``python bench/test_traffic_modes.py run.json`` prints the markdown
 section for bench/RESULTS_traffic.md.
@@ -47,7 +49,12 @@ PROVIDERS = (
     "triton_fused_flat",
     "triton_oop_fused_flat",
 )
-CROSSOVER_SIZES = (1 << 10, 1 << 13, 1 << 16, 1 << 19)
+CROSSOVER_SIZES = (1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 21, 1 << 23)
+CROSSOVER_CPU_MAX = 1 << 19  # 64 x 8M fp32 with gradients and buffers: too much for a CI machine
+CROSSOVER_PROVIDERS = {  # per device type: (in place, out of place)
+    "cpu": ("eager_in_place", "eager_out_of_place"),
+    "cuda": ("triton_fused", "triton_oop_fused"),
+}
 
 
 def build(provider, params):
@@ -136,10 +143,16 @@ def test_switch_cost(benchmark, bench, count):
 
 
 @pytest.mark.parametrize("size", CROSSOVER_SIZES, ids=[f"{s}" for s in CROSSOVER_SIZES])
-@pytest.mark.parametrize("provider", ("eager_in_place", "eager_out_of_place"))
-def test_auto_crossover(benchmark, bench, size, provider):
+@pytest.mark.parametrize("mode", ("in_place", "out_of_place"))
+def test_auto_crossover(benchmark, bench, size, mode):
     if bench.smoke and size > CROSSOVER_SIZES[0]:
         pytest.skip("smoke: smallest size only")
+    if bench.device.type == "cpu" and size > CROSSOVER_CPU_MAX:
+        pytest.skip("CUDA only: the CPU crossover is below this size")
+    provider = CROSSOVER_PROVIDERS[bench.device.type][mode == "out_of_place"]
+    reason = unavailable(provider, bench.device)
+    if reason:
+        pytest.skip(reason)
     shape_list = [(f"t{i}", (size,)) for i in range(64)]
     params = shapes.make_params(shape_list, bench.device, torch.float32)
     grad_values = shapes.make_grads(params)
@@ -149,8 +162,9 @@ def test_auto_crossover(benchmark, bench, size, provider):
         set_grads()
         step()
     benchmark.group = f"crossover {size}"
-    benchmark.extra_info.update(dict(kind="crossover", size=size, tensors=64, provider=provider,
-                                     device=bench.device.type, load1=os.getloadavg()[0]))
+    benchmark.extra_info.update(dict(kind="crossover", size=size, tensors=64, provider=provider, mode=mode,
+                                     device=bench.device.type, device_name=bench.device_name,
+                                     load1=os.getloadavg()[0]))
     benchmark.pedantic(step, setup=set_grads, rounds=bench.rounds * 2, iterations=1)
 
 
@@ -183,11 +197,14 @@ def _report(path):
         out.append("")
     cross = [r for r in rows if r[0].get("kind") == "crossover"]
     if cross:
-        out += ["**Crossover** (64 equal fp32 tensors, eager, first_step + second_step, fresh gradients)", "",
-                "| elements per tensor | in place ms | out of place ms | in / out |", "|---|---|---|---|"]
+        providers = " vs ".join(dict.fromkeys(i["provider"] for i, _ in cross))
+        out += [f"**Crossover** (64 equal fp32 tensors, {providers}, first_step + second_step, fresh gradients)",
+                "", "| elements per tensor | in place ms | out of place ms | in / out |", "|---|---|---|---|"]
         for size in dict.fromkeys(i["size"] for i, _ in cross):
-            med = {i["provider"]: s["median"] for i, s in cross if i["size"] == size}
-            a, b = med.get("eager_in_place"), med.get("eager_out_of_place")
+            # Runs before the mode was recorded hold the eager provider names.
+            med = {i.get("mode", i["provider"].replace("eager_", "")): s["median"] for i, s in cross
+                   if i["size"] == size}
+            a, b = med.get("in_place"), med.get("out_of_place")
             if a and b:
                 out.append(f"| {size} | {a * 1e3:.2f} | {b * 1e3:.2f} | {a / b:.2f} |")
         out.append("")

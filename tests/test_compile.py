@@ -137,6 +137,26 @@ def test_forward_in_the_same_graph_sees_the_perturbed_parameters(backend, flatte
     assert_params_equal(eager_params, comp_params, exact=not flatten)
 
 
+def test_groups_zero_rho_and_parameters_without_gradients_under_compile(backend, flatten):
+    """Two param groups (the second with rho = 0, never written by the
+    perturbation) and a parameter that never gets a gradient (a None in the
+    op's gradient list): the compiled steps do what the eager ones do."""
+    x = torch.randn(4, 5, device=DEVICE)
+    runs = []
+    for compile_steps in (False, True):
+        model = make_model()
+        unused = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+        groups = [{"params": list(model[0].parameters()) + [unused]}, {"params": list(model[2].parameters()), "rho": 0.0}]
+        opt = SAM(groups, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, flatten=flatten, backend=backend)
+        first, second = opt.first_step, opt.second_step
+        if compile_steps:
+            first, second = compiled(first), compiled(second)
+        train(model, opt, 2, first, second, x)
+        assert unused.grad is None and not opt.state[unused]
+        runs.append([p.detach().clone() for p in model.parameters()] + [unused.detach().clone()])
+    assert_params_equal(runs[0], runs[1], exact=not flatten)
+
+
 def test_compiled_first_step_is_one_graph_without_recompiles(backend):
     """Three steps, one compilation each: nothing in the traced step guards on
     a value that changes between steps (the pending table, the EMA flag)."""
@@ -158,6 +178,13 @@ def test_op_schemas_declare_exactly_what_they_write(backend):
     params, grads = library_ops.operands(opt)
     torch.library.opcheck(library_ops.first_step_op, (opt._handle, params, grads), test_utils=("test_schema",))
     torch.library.opcheck(library_ops.second_step_op, (opt._handle, params, grads), test_utils=("test_schema",))
+
+
+def test_ops_are_kept_out_of_cuda_graphs():
+    """The pending step lives in Python between the two ops: a CUDA graph
+    replaying them without their bodies would lose it (reduce-overhead)."""
+    for op in (torch.ops.presam.first_step_.default, torch.ops.presam.second_step_.default):
+        assert torch.Tag.cudagraph_unsafe in op.tags
 
 
 def test_grad_scaler_under_compile_is_refused_before_anything_changes():

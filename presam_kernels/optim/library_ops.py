@@ -97,7 +97,13 @@ def _bound(optimizer, params, grads):
             setattr(p, attr, value)
 
 
-@torch.library.custom_op("presam::first_step_", mutates_args=("params",))
+# The ops keep Python state between them (the pending step), so a CUDA graph
+# must never replay them without running their bodies: compile's
+# mode="reduce-overhead" leaves them out of its graphs.
+_TAGS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
+
+@torch.library.custom_op("presam::first_step_", mutates_args=("params",), tags=_TAGS)
 def first_step_op(handle: int, params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
     """x <- x + e in ``params``; the gradients are only read."""
     optimizer = _optimizer(handle)
@@ -105,7 +111,7 @@ def first_step_op(handle: int, params: list[torch.Tensor], grads: list[torch.Ten
         optimizer._first_step_eager()
 
 
-@torch.library.custom_op("presam::second_step_", mutates_args=("params",))
+@torch.library.custom_op("presam::second_step_", mutates_args=("params",), tags=_TAGS)
 def second_step_op(handle: int, params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
     """x <- the base optimizer's step from the saved x, in ``params``."""
     optimizer = _optimizer(handle)
