@@ -97,6 +97,7 @@ def run(rank, world, out, port):
                 ),
             }
 
+    results["compile_refused"] = compile_refused(init_device_mesh("cpu", (world,)), data)
     results["checkpoint"] = checkpoint_round_trip(init_device_mesh("cpu", (world,)), rank, world, out)
 
     for recipe, no_sync in (("ddp-sync", False), ("ddp-per-worker", True)):
@@ -108,6 +109,22 @@ def run(rank, world, out, port):
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def compile_refused(mesh, data):
+    """torch.compile of first_step with FSDP2 parameters: the error, and
+    whether the parameters were left as they were."""
+    model = fsdp_model(mesh)
+    opt = make_optimizer("sam", model.parameters())
+    loss_fn(model, *data[0]).backward()
+    before = [full(p).clone() for p in model.parameters()]
+    message = None
+    try:
+        torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")()
+    except Exception as error:  # dynamo may wrap it
+        message = str(error)
+    untouched = all(torch.equal(full(p), b) for p, b in zip(model.parameters(), before))
+    return {"message": message, "untouched": untouched}
 
 
 def checkpoint_round_trip(mesh, rank, world, out):

@@ -118,3 +118,11 @@ def test_step_without_closure_still_explains_the_two_step_api():
         p.grad = torch.zeros_like(p)
     with pytest.raises(RuntimeError, match="first_step"):
         opt.step()
+
+
+def test_torch_compile_of_a_step_with_fsdp2_parameters_is_refused_clearly(ranks):
+    for r in ranks:
+        refused = r["compile_refused"]
+        assert refused["message"] and "DTensor (FSDP2) parameters are not supported under torch.compile" in \
+            refused["message"]
+        assert refused["untouched"]

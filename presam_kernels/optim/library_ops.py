@@ -35,6 +35,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..buckets import _is_dtensor
+
 _optimizers: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 _handles = itertools.count(1)
 
@@ -57,6 +59,22 @@ def operands(optimizer):
     """(parameters, their gradients): what the ops take. Traced code."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return params, [p.grad for p in params]
+
+
+def traced_step(op, optimizer, grad_scaler):
+    """A step as torch.compile traces it: checks, then one op. Traced code."""
+    if grad_scaler is not None:
+        raise NotImplementedError(
+            "grad_scaler is not supported under torch.compile; call first_step/second_step "
+            "outside the compiled region when training with a GradScaler"
+        )
+    params, grads = operands(optimizer)
+    if any(_is_dtensor(p) for p in params):
+        raise NotImplementedError(
+            "DTensor (FSDP2) parameters are not supported under torch.compile: their norm needs a "
+            "collective the presam ops do not run; call first_step/second_step outside the compiled region"
+        )
+    op(optimizer._handle, params, grads)
 
 
 def _same_tensor(a, b) -> bool:

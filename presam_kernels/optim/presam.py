@@ -334,20 +334,11 @@ class PreSAM(Optimizer):
         Under ``torch.compile`` the step is one ``presam::first_step_`` op
         (``library_ops``), always in place (no GradScaler there)."""
         if torch.compiler.is_compiling():
-            self._check_traceable(grad_scaler)
-            library_ops.first_step_op(self._handle, *library_ops.operands(self))
+            library_ops.traced_step(library_ops.first_step_op, self, grad_scaler)
         else:
             self._first_step_eager(grad_scaler)
         if zero_grad:
             self.zero_grad()
-
-    @staticmethod
-    def _check_traceable(grad_scaler):
-        if grad_scaler is not None:
-            raise NotImplementedError(
-                "grad_scaler is not supported under torch.compile; call first_step/second_step "
-                "outside the compiled region when training with a GradScaler"
-            )
 
     def _first_step_eager(self, grad_scaler=None):
         if self._pending is not None:
@@ -528,8 +519,7 @@ class PreSAM(Optimizer):
 
         Under ``torch.compile``: one ``presam::second_step_`` op."""
         if torch.compiler.is_compiling():
-            self._check_traceable(grad_scaler)
-            library_ops.second_step_op(self._handle, *library_ops.operands(self))
+            library_ops.traced_step(library_ops.second_step_op, self, grad_scaler)
             if zero_grad:
                 self.zero_grad()
             return None
