@@ -153,6 +153,7 @@ def plan(kind: str, optimizer, buckets, state) -> Plan | None:
     step_of = [None] * len(groups)  # Adam: the group's step count before this step
     for bucket in buckets:
         flats = {}
+        views = None  # Adam: the bucket's per-parameter state views, once it has a gradient
         for i, p in enumerate(bucket.params):
             if p.grad is None:
                 continue
@@ -178,8 +179,9 @@ def plan(kind: str, optimizer, buckets, state) -> Plan | None:
                     out.adopt_list.append((views[i], buf))
                     out.attach_list.append((p, "momentum_buffer", views[i]))
             else:
-                views = {key: bucket.ensure_base_state(key) for key in STATE_KEYS[ADAM]}
-                flats.update({key: bucket.base_state[key] for key in STATE_KEYS[ADAM]})
+                if views is None:
+                    views = {key: bucket.ensure_base_state(key) for key in STATE_KEYS[ADAM]}
+                    flats.update({key: bucket.base_state[key] for key in STATE_KEYS[ADAM]})
                 step = entry.get("step")
                 if step is None:
                     step = torch.tensor(0.0, dtype=torch.float32)  # where torch keeps it (capturable off)

@@ -140,6 +140,15 @@ def unscale_(tables, inv_scale, found_inf):
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
 
 
+def _like_rows(bucket, table, flat):
+    """Each row's slice of a bucket-sized flat buffer, shaped like the row."""
+    if table.members is not None:
+        views = bucket.views(flat)  # cached: no per-step views of per-parameter rows
+        return [views[i] for i in table.members]
+    return [flat.as_strided(t.size(), t.stride(), flat.storage_offset() + off)
+            for t, off in zip(table.grad_emas, table.offsets)]
+
+
 def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     """x <- x + e for every row (one global norm over all tables), backup <- x,
     EMA <- m_new (out-of-place tables: adversarial <- x + e instead).  A
@@ -154,11 +163,7 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
         scratch = None
         if first is False and spec.objective.has_state and len(table):
             slots = bucket.ensure_direction_scratch(2 if spec.objective is Objective.INFO else 1)
-            scratch = [
-                [flat.as_strided(t.size(), t.stride(), flat.storage_offset() + off)
-                 for t, off in zip(table.grad_emas, table.offsets)]
-                for flat in slots
-            ]
+            scratch = [_like_rows(bucket, table, flat) for flat in slots]
         u, m_new = _direction(spec, g, table.grad_emas, first, scratch)
         c = _constraint(spec, table, g)
         cu = _mul_where(c, u)
