@@ -214,25 +214,31 @@ def _build(bucket, table, chunk: int) -> DeviceTable | None:
 
 
 # -- small shared buffers ----------------------------------------------------
-_rho_cache: dict = {}
-_RHO_CACHE_SIZE = 16
+_host_copies: dict = {}
+_HOST_COPIES = 16
+
+
+def _cached_copy(key, device: torch.device, make_host) -> torch.Tensor:
+    """The device copy of the host tensor ``make_host()``, made once per
+    ``key`` (non-blocking, from pinned memory, which is kept with it)."""
+    found = _host_copies.get(key)
+    if found is None:
+        host = make_host()
+        if device.type == "cuda":
+            host = host.pin_memory()
+        found = (host.to(device, non_blocking=True), host)
+        if len(_host_copies) >= _HOST_COPIES:
+            _host_copies.pop(next(iter(_host_copies)))
+        _host_copies[key] = found
+    return found[0]
 
 
 def rho_tensor(rhos, device: torch.device) -> torch.Tensor:
     """Per-group rho as an fp32 device tensor, without a host read: floats are
     copied once per distinct value tuple; tensors are stacked on the device."""
     if all(not isinstance(r, torch.Tensor) for r in rhos):
-        key = (device, tuple(float(r) for r in rhos))
-        found = _rho_cache.get(key)
-        if found is None:
-            host = torch.tensor(key[1], dtype=torch.float32)
-            if device.type == "cuda":
-                host = host.pin_memory()
-            found = (host.to(device, non_blocking=True), host)
-            if len(_rho_cache) >= _RHO_CACHE_SIZE:
-                _rho_cache.pop(next(iter(_rho_cache)))
-            _rho_cache[key] = found
-        return found[0]
+        values = tuple(float(r) for r in rhos)
+        return _cached_copy(("rho", device, values), device, lambda: torch.tensor(values, dtype=torch.float32))
     return torch.stack(
         [
             r.detach().to(device=device, dtype=torch.float32).reshape(())
@@ -245,27 +251,23 @@ def rho_tensor(rhos, device: torch.device) -> torch.Tensor:
 
 def hyper_tensor(rows, width: int, device: torch.device) -> torch.Tensor:
     """Per-group rows of hyperparameters as a [groups, width] fp32 device
-    tensor, without a host read: the floats are copied (non-blocking, from
-    pinned memory) once per distinct value tuple and cached; entries that are
-    tensors (an lr on the device) are written into a copy on the device, so
-    that a CUDA graph capture holds no host-to-device copy."""
+    tensor, without a host read: the floats are copied once per distinct
+    value tuple; entries that are tensors (an lr on the device) are written
+    into a copy on the device, so that a CUDA graph capture holds no
+    host-to-device copy."""
     tensors = {(k, j): v for k, row in enumerate(rows) for j, v in enumerate(row) if isinstance(v, torch.Tensor)}
     floats = tuple(tuple(0.0 if (k, j) in tensors else float(v) for j, v in enumerate(row)) for k, row in enumerate(rows))
-    key = (device, width, floats)
-    found = _rho_cache.get(key)
-    if found is None:
-        host = torch.zeros(len(rows), width, dtype=torch.float32)
+
+    def host():
+        table = torch.zeros(len(rows), width, dtype=torch.float32)
         for k, row in enumerate(floats):
-            host[k, : len(row)] = torch.tensor(row, dtype=torch.float64)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        found = (host.to(device, non_blocking=True), host)
-        if len(_rho_cache) >= _RHO_CACHE_SIZE:
-            _rho_cache.pop(next(iter(_rho_cache)))
-        _rho_cache[key] = found
+            table[k, : len(row)] = torch.tensor(row, dtype=torch.float64)
+        return table
+
+    base = _cached_copy(("hyper", device, width, floats), device, host)
     if not tensors:
-        return found[0]
-    out = found[0].clone()
+        return base
+    out = base.clone()
     for (k, j), v in tensors.items():
         out[k, j] = v.detach().to(device=device, dtype=torch.float32).reshape(())
     return out
