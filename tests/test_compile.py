@@ -72,6 +72,24 @@ def compiled(fn, compiler="aot_eager"):
     return torch.compile(fn, fullgraph=True, backend=compiler)
 
 
+def eager_then_compiled(build, x, steps=3, compiler="aot_eager", compile_first=True):
+    """``steps`` SAM steps with ``build()``'s fresh (model, optimizer), first
+    eager, then with compiled steps (only ``second_step`` when not
+    ``compile_first``): for each run the adversarial losses, the optimizer's
+    parameters afterwards, and the optimizer."""
+    runs = []
+    for compile_steps in (False, True):
+        model, opt = build()
+        first, second = opt.first_step, opt.second_step
+        if compile_steps:
+            second = compiled(second, compiler)
+            if compile_first:
+                first = compiled(first, compiler)
+        losses = train(model, opt, steps, first, second, x)
+        runs.append((losses, [p.detach().clone() for p in opt._params()], opt))
+    return runs
+
+
 def assert_params_equal(a, b, exact):
     for k, (p, q) in enumerate(zip(a, b)):
         if exact:
@@ -84,20 +102,16 @@ def assert_params_equal(a, b, exact):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_compiled_steps_match_eager(variant, backend, flatten):
-    x = torch.randn(4, 5, device=DEVICE)
-    results = []
-    for compile_steps in (False, True):
+    def build():
         model = make_model()
-        opt = make_optimizer(model, variant, backend, flatten)
-        first, second = opt.first_step, opt.second_step
-        if compile_steps:
-            first, second = compiled(first), compiled(second)
-        losses = train(model, opt, 3, first, second, x)
-        results.append((losses, [p.detach().clone() for p in model.parameters()], opt.last_step_fused))
-    (eager_losses, eager_params, eager_fused), (comp_losses, comp_params, comp_fused) = results
+        return model, make_optimizer(model, variant, backend, flatten)
+
+    (eager_losses, eager_params, eager_opt), (comp_losses, comp_params, comp_opt) = eager_then_compiled(
+        build, torch.randn(4, 5, device=DEVICE))
     assert_params_equal(eager_params, comp_params, exact=not flatten)
     assert comp_losses == pytest.approx(eager_losses, rel=1e-6)
-    assert comp_fused == eager_fused  # the compiled op takes the fused update where eager does
+    # the compiled op takes the fused update where eager does
+    assert comp_opt.last_step_fused == eager_opt.last_step_fused
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["plain", "clip_in_graph"])
@@ -141,20 +155,17 @@ def test_groups_zero_rho_and_parameters_without_gradients_under_compile(backend,
     """Two param groups (the second with rho = 0, never written by the
     perturbation) and a parameter that never gets a gradient (a None in the
     op's gradient list): the compiled steps do what the eager ones do."""
-    x = torch.randn(4, 5, device=DEVICE)
-    runs = []
-    for compile_steps in (False, True):
+    def build():
         model = make_model()
         unused = torch.nn.Parameter(torch.randn(3, device=DEVICE))
         groups = [{"params": list(model[0].parameters()) + [unused]}, {"params": list(model[2].parameters()), "rho": 0.0}]
-        opt = SAM(groups, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, flatten=flatten, backend=backend)
-        first, second = opt.first_step, opt.second_step
-        if compile_steps:
-            first, second = compiled(first), compiled(second)
-        train(model, opt, 2, first, second, x)
+        return model, SAM(groups, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, flatten=flatten, backend=backend)
+
+    runs = eager_then_compiled(build, torch.randn(4, 5, device=DEVICE), steps=2)
+    for _, _, opt in runs:
+        unused = opt.param_groups[0]["params"][-1]
         assert unused.grad is None and not opt.state[unused]
-        runs.append([p.detach().clone() for p in model.parameters()] + [unused.detach().clone()])
-    assert_params_equal(runs[0], runs[1], exact=not flatten)
+    assert_params_equal(runs[0][1], runs[1][1], exact=not flatten)
 
 
 def test_compiled_first_step_is_one_graph_without_recompiles(backend):
@@ -220,15 +231,12 @@ def test_eager_first_step_then_compiled_second_step_is_refused_where_it_cannot_u
 
 def test_eager_first_step_then_compiled_second_step_per_tensor_in_place(backend):
     """Per-tensor rows in place are the same in both worlds: mixing works."""
-    x = torch.randn(4, 5, device=DEVICE)
-    runs = []
-    for mixed in (False, True):
+    def build():
         model = make_model()
-        opt = make_optimizer(model, "sam_sgd_momentum", backend, flatten=False, perturb="in_place")
-        second = compiled(opt.second_step) if mixed else opt.second_step
-        train(model, opt, 2, opt.first_step, second, x)
-        runs.append([p.detach().clone() for p in model.parameters()])
-    assert_params_equal(runs[0], runs[1], exact=True)
+        return model, make_optimizer(model, "sam_sgd_momentum", backend, flatten=False, perturb="in_place")
+
+    runs = eager_then_compiled(build, torch.randn(4, 5, device=DEVICE), steps=2, compile_first=False)
+    assert_params_equal(runs[0][1], runs[1][1], exact=True)
 
 
 def test_scheduler_and_step_hooks_follow_compiled_steps():
@@ -267,14 +275,9 @@ def test_a_deep_copy_steps_its_own_parameters():
                     reason="Inductor on the CPU needs a C compiler")
 def test_inductor_matches_eager(backend):
     """Inductor reinplaces the op, so it writes the real parameters (no copies)."""
-    x = torch.randn(4, 5, device=DEVICE)
-    runs = []
-    for compiler in (None, "inductor"):
+    def build():
         model = make_model()
-        opt = make_optimizer(model, "infosam_adam", backend, flatten=False)
-        first, second = opt.first_step, opt.second_step
-        if compiler:
-            first, second = compiled(first, compiler), compiled(second, compiler)
-        train(model, opt, 2, first, second, x)
-        runs.append([p.detach().clone() for p in model.parameters()])
-    assert_params_equal(runs[0], runs[1], exact=True)
+        return model, make_optimizer(model, "infosam_adam", backend, flatten=False)
+
+    runs = eager_then_compiled(build, torch.randn(4, 5, device=DEVICE), steps=2, compiler="inductor")
+    assert_params_equal(runs[0][1], runs[1][1], exact=True)
