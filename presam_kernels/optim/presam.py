@@ -687,15 +687,16 @@ class PreSAM(Optimizer):
 # perturb="auto": out of place where a bucket's tensors average at least this
 # many elements (per device type), in place elsewhere or where absent.
 # CPU (bench/RESULTS_traffic.md, 2-core EPYC, eager, 64 equal fp32 tensors,
-# in-place / out-of-place step time, two quiet runs): 0.98 and 1.06 at 1K
-# elements per tensor, 0.97 and 1.08 at 8K, 1.22 and 1.42 at 64K, 1.29 and
-# 1.14 at 512K; ResNet-50 set 1.22 and 1.34, ViT-B/16 1.39 and 0.96 (within
-# its noise); switching costs 0.6 us per tensor: ahead or within the noise
-# everywhere, so always out of place.  CUDA: in place until measured
-# (no GPU yet; the estimate, where 0.6 us per tensor of host work meets the
-# 4 B per element saved at ~3 TB/s, is ~450K elements per tensor), and in
-# place is what CUDA-graph capture needs: the switch of .data is host work a
-# replay would not repeat.  Replace with the H100 crossover once measured.
+# in-place / out-of-place step time, three runs of the current code): 0.83,
+# 1.00 and 1.09 at 1K elements per tensor (IQRs 0.1-0.3 ms on 0.7-1.3 ms:
+# noise), 1.05, 1.38 and 1.28 at 8K, 1.33, 1.29 and 1.97 at 64K, 1.16, 1.20
+# and 1.57 at 512K; ResNet-50 set 1.91, ViT-B/16 1.02; switching costs 0.6 us
+# per tensor: ahead or within the noise everywhere, so always out of place.
+# CUDA: in place until measured (no GPU yet; the estimate, where 0.6 us per
+# tensor of host work meets the 4 B per element saved at ~3 TB/s, is ~450K
+# elements per tensor), and in place is what CUDA-graph capture needs: the
+# switch of .data is host work a replay would not repeat.  Replace with the
+# H100 crossover once measured (bench/gpu_check.sh prints it).
 _OUT_OF_PLACE_MIN_AVG = {"cpu": 0}
 
 
