@@ -82,7 +82,13 @@ def unavailable(provider, device):
     return None
 
 
-def _time_steps(bench, params, grad_values, opt):
+def _warm_steps(bench, provider, shape_list, dtype):
+    """``provider`` built on ``shape_list``'s tensors and warmed up: (params,
+    optimizer, set_grads, step), set_grads handing out fresh gradients (untimed)."""
+    params = shapes.make_params(shape_list, bench.device, dtype)
+    grad_values = shapes.make_grads(params)
+    opt = build(provider, params)
+
     def set_grads():
         for p, g in zip(params, grad_values):
             p.grad = g.clone()
@@ -92,7 +98,10 @@ def _time_steps(bench, params, grad_values, opt):
         opt.second_step()
         bench.sync()
 
-    return set_grads, step
+    for _ in range(bench.warm_steps):
+        set_grads()
+        step()
+    return params, opt, set_grads, step
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -103,13 +112,7 @@ def test_traffic_modes(benchmark, bench, set_name, dtype_name, provider):
     shape_list = shapes.SETS[set_name]()
     if bench.smoke:
         shape_list = shapes.tiny(shape_list)
-    params = shapes.make_params(shape_list, bench.device, DTYPES[dtype_name])
-    grad_values = shapes.make_grads(params)
-    opt = build(provider, params)
-    set_grads, step = _time_steps(bench, params, grad_values, opt)
-    for _ in range(bench.warm_steps):
-        set_grads()
-        step()
+    params, opt, set_grads, step = _warm_steps(bench, provider, shape_list, DTYPES[dtype_name])
     if provider != "loop" and provider.startswith("triton"):
         assert opt.last_step_fused == ("fused" in provider)
     benchmark.group = f"traffic {set_name} {dtype_name}"
@@ -154,13 +157,7 @@ def test_auto_crossover(benchmark, bench, size, mode):
     if reason:
         pytest.skip(reason)
     shape_list = [(f"t{i}", (size,)) for i in range(64)]
-    params = shapes.make_params(shape_list, bench.device, torch.float32)
-    grad_values = shapes.make_grads(params)
-    opt = build(provider, params)
-    set_grads, step = _time_steps(bench, params, grad_values, opt)
-    for _ in range(bench.warm_steps):
-        set_grads()
-        step()
+    _, _, set_grads, step = _warm_steps(bench, provider, shape_list, torch.float32)
     benchmark.group = f"crossover {size}"
     benchmark.extra_info.update(dict(kind="crossover", size=size, tensors=64, provider=provider, mode=mode,
                                      device=bench.device.type, device_name=bench.device_name,

@@ -57,7 +57,7 @@ def _optimizer(handle: int):
 
 def operands(optimizer):
     """(parameters, their gradients): what the ops take. Traced code."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = optimizer._params()
     return params, [p.grad for p in params]
 
 
@@ -92,7 +92,7 @@ def _bound(optimizer, params, grads):
     of one step, and back on the way out; the step builds one table row per
     parameter meanwhile (with flatten=True too), so that it reads and writes
     exactly the operands."""
-    expected = [p for group in optimizer.param_groups for p in group["params"]]
+    expected = optimizer._params()
     if len(params) != len(expected) or len(grads) != len(expected):
         raise RuntimeError(
             f"presam op got {len(params)} parameters and {len(grads)} gradients for an optimizer "

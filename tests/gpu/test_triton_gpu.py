@@ -131,13 +131,17 @@ def test_element_indices_beyond_int32_bf16():
 
 
 # -- the whole optimizer: CUDA graphs and torch.compile -------------------------
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 10)).to(DEVICE)
+
+
 def _graph_model_and_optimizer(case):
     """flatten=True, rho and lr as device tensors, a StepLR on the optimizer;
     InfoSAM's base is Adam with capturable=True (its step count on the device)."""
     from presam_kernels import SAM, InfoSAM
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 10)).to(DEVICE)
+    model = _mlp()
     rho = torch.tensor(0.05, device=DEVICE)
     if case == "sam_sgd":
         lr = torch.tensor(0.05, device=DEVICE)
@@ -215,8 +219,7 @@ def test_torch_compile_inductor_fullgraph_first_step_matches_eager(variant, flat
     batches = _batches(3)
     results = []
     for compile_steps in (False, True):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 10)).to(DEVICE)
+        model = _mlp()
         if variant == "sam_sgd":
             opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, flatten=flatten,
                       backend="triton")
