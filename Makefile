@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 # One thread: the suite is many small ops, where thread hand-offs cost more than they give.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests bench --benchmark-disable
 
 bench: $(STAMP)
