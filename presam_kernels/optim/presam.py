@@ -26,6 +26,14 @@ GRAD_EMA_READY = "grad_ema_ready"
 _COMMON_WRAPPER_KEYS = frozenset({"old_p", "e_w"})
 PERTURB_MODES = ("auto", "in_place", "out_of_place")
 
+# Between first_step and second_step the parameters hold x + e: every operation
+# that reads or replaces the optimizer's parameters, layout or state refuses then.
+_MIDSTEP = (
+    "{what} between first_step() and second_step(): the parameters hold the perturbed "
+    "point x + e now; call opt.second_step() (after the second backward) or opt.restore() "
+    "(puts them back at x and drops the pending step) first"
+)
+
 _STEP_WITHOUT_CLOSURE = (
     "{cls}.step() needs a closure that runs the forward and backward pass, because "
     "sharpness-aware minimization evaluates the gradient twice. Either call "
@@ -206,6 +214,7 @@ class PreSAM(Optimizer):
         self._pending = None  # tables perturbed by first_step, awaiting second_step
         self._pending_perturbed = None  # their per-group perturbed flags
         self._switched = []  # out of place: (param, its own .data) while it points at x + e
+        self._pending_storage = None  # the parameters' storage addresses first_step left
         self.last_step_fused = False  # whether the last second_step fused the base update
         self._first_found_inf = None
         self._host_ema_started = False
@@ -222,7 +231,8 @@ class PreSAM(Optimizer):
     def __getstate__(self):
         """Everything (torch's Optimizer keeps only groups, state and defaults,
         which is not enough to step), but the backend by name: a module does
-        not pickle."""
+        not pickle.  Refused between the two steps (the copy would hold x + e)."""
+        self._refuse_midstep("copy.deepcopy() or pickling of the optimizer")
         state = dict(self.__dict__)
         backend = state.pop("_backend", None)
         state["_backend_name"] = None if backend is None else backend.name
@@ -235,6 +245,13 @@ class PreSAM(Optimizer):
         if name is not None:
             self._backend = backends.get(name)
         self._handle = library_ops.register(self)  # a copy is another optimizer
+
+    def _refuse_midstep(self, what):
+        if getattr(self, "_pending", None) is not None:
+            raise RuntimeError(_MIDSTEP.format(what=what))
+
+    def _storage_of_params(self):
+        return tuple(p.data_ptr() for p in self._params())
 
     # -- parameters and buckets --------------------------------------------
     def _params(self):
@@ -257,6 +274,8 @@ class PreSAM(Optimizer):
         """The buckets, rebuilt when parameters were added or moved to another
         device or dtype (the EMA state travels with its parameter); with
         flatten=True, a parameter or gradient found replaced is copied back in."""
+        if self._pending is not None and self._buckets is not None:
+            return self._buckets  # never re-laid out under a pending step: restore needs its tables
         key = self._layout_key()
         if self._buckets is not None and key == self._layout:
             # Never copy x + e into the flat parameters, nor an op's operands.
@@ -376,6 +395,7 @@ class PreSAM(Optimizer):
         self._first_found_inf = skipped if scaler is not None else None
         self._pending = tables
         self._pending_perturbed = perturbed
+        self._pending_storage = None if self._bound_to_operands else self._storage_of_params()
 
     def _ready_flag(self, device):
         if device not in self._ema_ready:
@@ -399,6 +419,12 @@ class PreSAM(Optimizer):
             raise RuntimeError(
                 "second_step() got grad_scaler but first_step() did not; pass the same "
                 "GradScaler to both steps"
+            )
+        if self._moved_since_first_step():
+            raise RuntimeError(
+                "the parameters were moved, converted or replaced between first_step() and "
+                "second_step() (model.to(), p.data = ...), so x can no longer be restored in place; "
+                "call opt.restore() (writes x into them where they are now), then take the step again"
             )
         found_second = amp.unscale_second_pass(self, scaler, self._pending) if scaler else None
         tables, perturbed = self._pending, self._pending_perturbed
@@ -433,6 +459,29 @@ class PreSAM(Optimizer):
             self.zero_grad()
 
     # -- out-of-place perturbation and the fused base update ----------------
+    def _moved_since_first_step(self) -> bool:
+        return (
+            self._pending_storage is not None
+            and not self._bound_to_operands
+            and self._storage_of_params() != self._pending_storage
+        )
+
+    def _restore_moved(self):
+        """restore() after parameters were moved or replaced mid-step: x, from
+        where first_step kept it, copied into each perturbed parameter as it is
+        now (converting dtype and device)."""
+        own = {id(p): data for p, data in self._switched}  # out of place: x is the parameter's own storage
+        for bucket, table in zip(self._buckets, self._pending):
+            for i in _perturbed_members(bucket, table):
+                p = bucket.params[i]
+                if id(p) not in own:
+                    local(p.data).copy_(bucket.views(bucket.backup)[i])
+                elif p.data_ptr() == bucket.adversarial_view(i).data_ptr() and p.dtype == bucket.dtype:
+                    p.data = own[id(p)]  # this one was not moved: point it back
+                else:
+                    local(p.data).copy_(own[id(p)])
+        self._switched = []
+
     def _out_of_place(self, bucket) -> bool:
         """Whether ``bucket`` is perturbed out of place this step."""
         if self.perturb_mode == "in_place" or bucket.mesh is not None or self._bound_to_operands:
@@ -565,9 +614,12 @@ class PreSAM(Optimizer):
         """Put the parameters back at x after a failed second pass (for example
         out of memory) and forget the pending step. A no-op without one."""
         if self._pending is not None:
-            self._switch_back()
-            self._backend.restore(self._pending)
-            self._pending = self._pending_perturbed = None
+            if self._moved_since_first_step():
+                self._restore_moved()
+            else:
+                self._switch_back()
+                self._backend.restore(self._pending)
+            self._pending = self._pending_perturbed = self._pending_storage = None
             self._first_found_inf = None
 
     def zero_grad(self, set_to_none: bool | None = None):
@@ -597,6 +649,7 @@ class PreSAM(Optimizer):
     def add_param_group(self, param_group):
         if not hasattr(self, "base_optimizer"):  # called from Optimizer.__init__
             return super().add_param_group(param_group)
+        self._refuse_midstep("add_param_group()")
         groups, names = _split_names([param_group])
         group = groups[0]
         if "rho" in group:
@@ -613,6 +666,7 @@ class PreSAM(Optimizer):
         """torch's {state, param_groups}, with the base optimizer's entries and
         ours side by side per parameter; our entries are copies of each
         parameter's slice (never the whole flat buffer)."""
+        self._refuse_midstep("state_dict()")
         sd = super().state_dict()
         ours = base_update.views_of_ours(self._buckets or [])
         if ours:
@@ -636,6 +690,7 @@ class PreSAM(Optimizer):
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class, or of the common SAM wrapper (its
         transient per-parameter entries are dropped; it holds no base state)."""
+        self._refuse_midstep("load_state_dict()")
         state_dict = {"state": dict(state_dict["state"]), "param_groups": state_dict["param_groups"]}
         ours = {}
         for index, entry in list(state_dict["state"].items()):
@@ -712,6 +767,17 @@ def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _perturbed_members(bucket, table):
+    """The bucket's indices of the parameters ``table``'s perturbed rows cover."""
+    if table.members is not None:
+        return [i for r, i in enumerate(table.members) if table.perturbed[r]]
+    out = []
+    for start, length, perturbed in zip(table.offsets, table.lengths, table.perturbed):
+        if perturbed:
+            out += [i for i, offset in enumerate(bucket.offsets) if start <= offset < start + length]
+    return out
 
 
 def _same_params(params, optimizer) -> bool:
