@@ -180,3 +180,52 @@ def test_infosam_refusal_keeps_the_ema(flatten, backend, core_case):
     with pytest.raises(RuntimeError, match=MIDSTEP):
         opt.load_state_dict(saved)
     assert_same(before, snapshot(opt, params))
+
+
+# -- a parameter listed twice ---------------------------------------------------
+def tied_model():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(6, 4)
+    head = torch.nn.Linear(4, 6, bias=False)
+    head.weight = emb.weight  # tied embedding / head
+    return emb, head
+
+
+@PERTURB
+@pytest.mark.parametrize("instance", [False, True], ids=["class", "instance"])
+def test_a_tied_weight_listed_twice_is_restored_exactly(instance, perturb, flatten, backend, core_case):
+    """list(emb.parameters()) + list(head.parameters()) holds the tied weight
+    twice: one row and one backup, so with lr = 0 it never moves."""
+    core_case(not instance)
+    emb, head = tied_model()
+    params = list(emb.parameters()) + list(head.parameters())
+    assert params[0] is params[1]
+    kwargs = dict(rho=0.5, flatten=flatten, backend=backend, perturb=perturb)
+    if instance:
+        with pytest.warns(UserWarning, match="duplicate"):  # torch's own warning, for its own optimizer
+            base = torch.optim.SGD(params, lr=0.0, momentum=0.9)
+        opt = SAM(base.param_groups[0]["params"], base, **kwargs)
+    else:
+        opt = SAM(params, torch.optim.SGD, lr=0.0, momentum=0.9, **kwargs)
+    assert len(opt.param_groups[0]["params"]) == 1
+    x = emb.weight.detach().clone()
+    tokens = torch.tensor([0, 3, 5, 1])
+    for _ in range(3):
+        head(emb(tokens)).logsumexp(-1).sum().backward()
+        opt.first_step(zero_grad=True)
+        head(emb(tokens)).logsumexp(-1).sum().backward()
+        opt.second_step(zero_grad=True)
+    assert torch.equal(emb.weight.detach(), x)
+    assert head.weight is emb.weight
+
+
+def test_a_parameter_listed_twice_in_an_added_group_is_kept_once():
+    p, q = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = SAM([p], torch.optim.SGD, lr=0.0)
+    opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups[1]["params"]) == 1
+    for t in (p, q):
+        t.grad = torch.ones_like(t)
+    opt.first_step()
+    opt.second_step()
+    assert torch.equal(q.detach(), torch.zeros(2))

@@ -61,14 +61,14 @@ def _split_names(params):
         group = dict(group)
         members = group["params"]
         members = [members] if isinstance(members, torch.Tensor) else list(members)
-        plain = []
+        plain, seen = [], set()
         for m in members:
-            if isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str):
-                names.append(m[0])
-                plain.append(m[1])
-            else:
-                names.append(None)
-                plain.append(m)
+            name, tensor = m if isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str) else (None, m)
+            if id(tensor) in seen:
+                continue  # listed twice (a tied weight): one row, one backup
+            seen.add(id(tensor))
+            names.append(name)
+            plain.append(tensor)
         group["params"] = plain
         out.append(group)
     return out, names
@@ -188,6 +188,8 @@ class PreSAM(Optimizer):
                     "base_optimizer is an instance: params must be exactly its parameters "
                     "(pass base_optimizer.param_groups' parameters, or pass the class instead)"
                 )
+            for group in base_optimizer.param_groups:  # a tied weight listed twice: keep it once
+                group["params"] = list({id(p): p for p in group["params"]}.values())
             super().__init__(base_optimizer.param_groups, defaults)
             self.base_optimizer = base_optimizer
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
