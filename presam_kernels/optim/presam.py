@@ -422,6 +422,11 @@ class PreSAM(Optimizer):
                 "second_step() got grad_scaler but first_step() did not; pass the same "
                 "GradScaler to both steps"
             )
+        if scaler is None and self._first_found_inf is not None:
+            raise RuntimeError(
+                "first_step() got grad_scaler but second_step() did not, so the base step would "
+                "use scaled gradients; pass the same GradScaler to both steps"
+            )
         if self._moved_since_first_step():
             raise RuntimeError(
                 "the parameters were moved, converted or replaced between first_step() and "
