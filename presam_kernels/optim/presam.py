@@ -25,6 +25,8 @@ GRAD_EMA_READY = "grad_ema_ready"
 # Keys a checkpoint of the common SAM wrapper holds per parameter: transient.
 _COMMON_WRAPPER_KEYS = frozenset({"old_p", "e_w"})
 PERTURB_MODES = ("auto", "in_place", "out_of_place")
+# Base optimizer state keys (torch.optim) that hold one value per parameter element.
+_PER_ELEMENT_STATE = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 
 # Between first_step and second_step the parameters hold x + e: every operation
 # that reads or replaces the optimizer's parameters, layout or state refuses then.
@@ -718,6 +720,7 @@ class PreSAM(Optimizer):
                 f"this state_dict holds '{GRAD_EMA}' entries (saved by InfoSAM or VaSSO) but "
                 f"{type(self).__name__} keeps no EMA; load it into the optimizer class that saved it"
             )
+        self._check_loadable(state_dict, ours)  # everything, before anything is loaded
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -726,6 +729,14 @@ class PreSAM(Optimizer):
                 group.setdefault(key, value)
         self._pending = None
         self._ensure_buckets()
+        if self.preconditioner.objective.has_state:
+            # What the checkpoint does not hold starts fresh, not from the previous run.
+            for bucket in self._buckets:
+                if bucket.grad_ema is not None:
+                    bucket.grad_ema.zero_()
+            for flag in self._ema_ready.values():
+                flag.zero_()
+            self._host_ema_started = False
         # Saved keys are whatever the saved groups list (indices, or FQNs when
         # torch.distributed.checkpoint rekeyed them), in our parameters' order.
         saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
@@ -736,6 +747,42 @@ class PreSAM(Optimizer):
                 p = param_of[key]
                 self._ready_flag(p.device).copy_(mine[GRAD_EMA_READY])
                 self._host_ema_started = True
+
+    def _check_loadable(self, state_dict, ours):
+        """Raise ValueError for a checkpoint whose entries do not fit our
+        parameters (shape, dtype) or whose groups ask for another variant."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            return  # torch's load_state_dict refuses it, before changing anything
+        adaptive = self.preconditioner.constraint is Constraint.ADAPTIVE
+        for k, group in enumerate(saved_groups):
+            if "adaptive" in group and bool(group["adaptive"]) != adaptive:
+                raise ValueError(
+                    f"param_groups[{k}] was saved with adaptive={group['adaptive']} but this "
+                    f"{type(self).__name__} has adaptive={adaptive}; build it with adaptive={group['adaptive']}"
+                )
+        saved_keys = [key for group in saved_groups for key in group["params"]]
+        param_of = dict(zip(saved_keys, self._params()))
+        entries = [(key, entry) for key, entry in state_dict["state"].items()] + list(ours.items())
+        for key, entry in entries:
+            p = param_of.get(key)
+            if p is None:
+                continue  # torch keeps entries of unknown keys as they are
+            for name, value in entry.items():
+                where = f"state_dict['state'][{key!r}][{name!r}]"
+                if name == GRAD_EMA_READY:
+                    if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                        raise ValueError(f"{where} must be a one-element tensor, got {value!r}")
+                    continue
+                if name != GRAD_EMA and name not in _PER_ELEMENT_STATE:
+                    continue
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"{where} has shape {shape}, but its parameter has shape {tuple(p.shape)}")
+                if name == GRAD_EMA and not (value.is_floating_point()):
+                    raise ValueError(f"{where} must be a floating-point tensor, got {value.dtype}")
 
     def __repr__(self):
         spec = self.preconditioner
