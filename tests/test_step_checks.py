@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from presam_kernels import SAM
+from presam_kernels import SAM, InfoSAM
 from test_midstep import assert_same, snapshot
 
 PERTURB = pytest.mark.parametrize("perturb", ["in_place", "out_of_place"])
@@ -35,3 +35,89 @@ def test_grad_scaler_given_to_first_step_only_refuses_before_the_base_step(pertu
     opt.second_step(grad_scaler=s)
     s.update()
     assert torch.allclose(p.detach(), torch.full((3,), -0.2))  # lr 0.1 times the unscaled gradient 2
+
+
+# -- rho --------------------------------------------------------------------------
+def infosam_after_one_step(backend, flatten, perturb, **kwargs):
+    params = [torch.zeros(4, requires_grad=True), torch.ones(3, requires_grad=True)]
+    opt = InfoSAM(params, torch.optim.SGD, rho=0.1, lr=0.0, flatten=flatten, backend=backend, perturb=perturb,
+                  **kwargs)
+    give_grads(params)
+    opt.first_step(zero_grad=True)
+    give_grads(params)
+    opt.second_step(zero_grad=True)
+    return params, opt
+
+
+def give_grads(params, value=1.0):
+    for k, p in enumerate(params):
+        p.grad = torch.full_like(p, value * (1.0 + k))
+
+
+@PERTURB
+@pytest.mark.parametrize("rho", [float("nan"), float("inf"), -0.1, 1e30], ids=["nan", "inf", "negative", "huge"])
+def test_a_bad_rho_tensor_perturbs_nothing_and_counts_a_skipped_step(rho, perturb, flatten, backend, core_case):
+    """Read on the device, never on the host: a rho tensor that is non-finite,
+    negative or too large for fp32 makes first_step a skipped step (x and
+    the EMA as they were, skipped_steps + 1), like non-finite gradients."""
+    core_case(rho != 1e30)
+    params, opt = infosam_after_one_step(backend, flatten, perturb)
+    opt.param_groups[0]["rho"] = torch.tensor(rho)
+    give_grads(params, 2.0)
+    ema = [opt.state[p]["grad_ema"].clone() for p in params]
+    skipped = int(opt.skipped_steps)
+    opt.first_step()
+    assert int(opt.skipped_steps) == skipped + 1
+    assert torch.equal(params[0].detach(), torch.zeros(4)) and torch.equal(params[1].detach(), torch.ones(3))
+    for p, m in zip(params, ema):
+        assert torch.equal(opt.state[p]["grad_ema"], m), "a skipped step updated the EMA"
+    opt.second_step()
+    assert torch.equal(params[0].detach(), torch.zeros(4)) and torch.equal(params[1].detach(), torch.ones(3))
+    opt.param_groups[0]["rho"] = torch.tensor(0.1)
+    opt.first_step()
+    assert not torch.equal(params[0].detach(), torch.zeros(4)), "a good rho after a bad one perturbs again"
+    opt.second_step()
+    assert int(opt.skipped_steps) == skipped + 1
+
+
+@pytest.mark.parametrize(
+    "rho", [torch.ones(2), torch.tensor(1, dtype=torch.int64), torch.tensor(0.1, dtype=torch.complex64)],
+    ids=["two_elements", "integer", "complex"],
+)
+def test_a_rho_tensor_of_the_wrong_shape_or_dtype_refuses_before_anything(rho, flatten, backend):
+    params, opt = infosam_after_one_step(backend, flatten, "in_place")
+    opt.param_groups[0]["rho"] = rho
+    give_grads(params, 2.0)
+    before = snapshot(opt, params)
+    with pytest.raises((ValueError, TypeError), match="rho"):
+        opt.first_step()
+    assert_same(before, snapshot(opt, params))
+
+
+def test_rho_too_large_for_eps_norm_is_refused_at_construction_and_at_step_time(flatten):
+    with pytest.raises(ValueError, match="rho"):
+        SAM([torch.zeros(2, requires_grad=True)], torch.optim.SGD, rho=1e300, lr=0.1, flatten=flatten)
+    p = torch.zeros(2, requires_grad=True)
+    opt = SAM([p], torch.optim.SGD, rho=0.1, lr=0.1, flatten=flatten)
+    opt.param_groups[0]["rho"] = 1e27  # 1e27 / 1e-12 overflows fp32
+    p.grad = torch.zeros(2)
+    before = snapshot(opt, [p])
+    with pytest.raises(ValueError, match="rho"):
+        opt.first_step()
+    assert_same(before, snapshot(opt, [p]))
+
+
+def test_eps_norm_zero_is_refused():
+    with pytest.raises(ValueError, match="eps_norm"):
+        SAM([torch.zeros(2, requires_grad=True)], torch.optim.SGD, eps_norm=0.0, lr=0.1)
+
+
+@PERTURB
+def test_all_zero_gradients_with_the_largest_allowed_rho_give_e_zero(perturb, flatten, backend):
+    p = torch.ones(3, requires_grad=True)
+    opt = SAM([p], torch.optim.SGD, rho=1e25, lr=0.0, flatten=flatten, backend=backend, perturb=perturb)
+    p.grad = torch.zeros(3)
+    opt.first_step()
+    assert torch.equal(p.detach(), torch.ones(3))
+    opt.second_step()
+    assert torch.equal(p.detach(), torch.ones(3))

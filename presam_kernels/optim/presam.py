@@ -152,7 +152,7 @@ class PreSAM(Optimizer):
         except ValueError:
             raise ValueError(f"constraint must be one of {[c.value for c in Constraint]}, got {constraint!r}") from None
         _check_rho(rho)
-        check_finite_number("eps_norm", eps_norm, low=0.0, hint="; the default is 1e-12")
+        check_finite_number("eps_norm", eps_norm, low=0.0, low_open=True, hint="; the default is 1e-12")
         if objective is Objective.INFO:
             check_finite_number("alpha", alpha, low=0.0, high=1.0, high_open=True, hint="; infoSAM uses about 0.9")
             check_finite_number("delta", delta, low=0.0, low_open=True, hint="; the default is 1e-12")
@@ -175,6 +175,10 @@ class PreSAM(Optimizer):
         defaults = {"rho": rho, **(_extra_defaults or {})}
         ema_weight = {Objective.INFO: 1.0 - alpha, Objective.EMA: theta}.get(objective, 1.0)
         self.preconditioner = Preconditioner(objective, constraint, ema_weight, delta, eta, eps_norm)
+        self._rho_limit = _RHO_OVER_EPS_MAX * eps_norm * (min(delta, 1.0) if objective is Objective.INFO else 1.0)
+        for where, value in [("rho", rho)] + [(f"param_groups[{k}]['rho']", g["rho"]) for k, g in enumerate(groups)
+                                              if "rho" in g and not isinstance(g["rho"], torch.Tensor)]:
+            self._check_rho_scale(value, where)
         self.flatten = flatten
         self.backend_choice = backend
         self.perturb_mode = perturb
@@ -334,12 +338,40 @@ class PreSAM(Optimizer):
             if rho is None:
                 raise KeyError(f"param_groups[{k}] has no 'rho'; set it (the optimizer default is {self.defaults['rho']})")
             if isinstance(rho, torch.Tensor):
-                perturbed.append(True)  # a device tensor is never read on the host
+                # Metadata only: the value is checked on the device (_bad_rho).
+                if rho.numel() != 1 or not rho.is_floating_point():
+                    raise ValueError(
+                        f"param_groups[{k}]['rho'] must be a one-element floating-point tensor, got "
+                        f"shape {tuple(rho.shape)} and dtype {rho.dtype}"
+                    )
+                perturbed.append(True)
             else:
                 _check_rho(rho, where=f"param_groups[{k}]['rho']")
+                rho = float(rho)
+                self._check_rho_scale(rho, f"param_groups[{k}]['rho']")
                 perturbed.append(rho != 0)
             rhos.append(rho)
         return rhos, perturbed
+
+    def _check_rho_scale(self, rho, where):
+        if float(rho) > self._rho_limit:
+            raise ValueError(
+                f"{where} = {rho!r} is too large for eps_norm = {self.preconditioner.eps_norm!r}: the step "
+                f"divides rho by eps_norm{' * delta' if self.preconditioner.objective is Objective.INFO else ''} "
+                f"and must stay finite in fp32 (rho <= {self._rho_limit:.3g}), or an all-zero gradient "
+                "gives 0 * inf = NaN"
+            )
+
+    def _bad_rho(self, rhos, device):
+        """1.0 (0-d fp32, on ``device``) when a tensor rho is non-finite,
+        negative or too large; None when every rho is a number.  Never read
+        on the host: the backend treats it as a found overflow (a skipped step)."""
+        tensors = [r for r in rhos if isinstance(r, torch.Tensor)]
+        if not tensors:
+            return None
+        values = torch.stack([r.detach().reshape(()).to(device=device, dtype=torch.float32) for r in tensors])
+        good = torch.isfinite(values) & (values >= 0) & (values <= self._rho_limit)
+        return (~good).any().float()
 
     def _check_grads(self):
         for p in self._params():
@@ -377,6 +409,9 @@ class PreSAM(Optimizer):
         ]
         scaler = amp.active(grad_scaler)
         found_inf = amp.unscale_first_pass(self, scaler, tables, self._backend) if scaler else None
+        bad_rho = self._bad_rho(rhos, buckets[0].device)
+        if bad_rho is not None:
+            found_inf = bad_rho if found_inf is None else found_inf + bad_rho.to(found_inf.device)
 
         spec = self.preconditioner
         first = True
@@ -807,6 +842,9 @@ class PreSAM(Optimizer):
 # switch of .data is host work a replay would not repeat.  Replace with the
 # H100 crossover once measured (bench/gpu_check.sh prints it).
 _OUT_OF_PLACE_MIN_AVG = {"cpu": 0}
+# rho / eps_norm (times delta for infoSAM) at most this: rho * 1 / (||c u|| + eps)
+# then stays finite in fp32 (max 3.4e38), so an all-zero gradient gives e = 0.
+_RHO_OVER_EPS_MAX = 1e38
 
 
 def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:
