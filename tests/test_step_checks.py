@@ -121,3 +121,15 @@ def test_all_zero_gradients_with_the_largest_allowed_rho_give_e_zero(perturb, fl
     assert torch.equal(p.detach(), torch.ones(3))
     opt.second_step()
     assert torch.equal(p.detach(), torch.ones(3))
+
+
+# -- parameters the optimizer cannot perturb --------------------------------------
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_parameters_are_refused_at_construction(dtype, flatten, backend):
+    z = torch.zeros(3, dtype=dtype, requires_grad=True)
+    with pytest.raises(ValueError, match="complex"):
+        SAM([z], torch.optim.SGD, lr=0.1, flatten=flatten, backend=backend)
+    opt = SAM([torch.zeros(2, requires_grad=True)], torch.optim.SGD, lr=0.1, flatten=flatten, backend=backend)
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1

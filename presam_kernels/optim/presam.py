@@ -76,6 +76,16 @@ def _split_names(params):
     return out, names
 
 
+def _check_param(p):
+    """Raise ValueError for a parameter the perturbation cannot handle."""
+    if p.is_complex():
+        raise ValueError(
+            f"complex parameters are not supported (got one of dtype {p.dtype}, shape {tuple(p.shape)}): "
+            "hold the real and imaginary parts as a real parameter (e.g. torch.view_as_real's layout) "
+            "or optimize it with a plain torch optimizer"
+        )
+
+
 def _check_rho(value, where="rho"):
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -169,6 +179,9 @@ class PreSAM(Optimizer):
             raise ValueError(f"perturb must be one of {PERTURB_MODES}, got {perturb!r}")
 
         groups, names = _split_names(params)
+        for group in groups:
+            for p in group["params"]:
+                _check_param(p)
         for k, group in enumerate(groups):
             if "rho" in group:
                 _check_rho(group["rho"], where=f"param_groups[{k}]['rho']")
@@ -696,6 +709,8 @@ class PreSAM(Optimizer):
         self._refuse_midstep("add_param_group()")
         groups, names = _split_names([param_group])
         group = groups[0]
+        for p in group["params"]:
+            _check_param(p)
         if "rho" in group:
             _check_rho(group["rho"], where="param_group['rho']")
         for key, value in self.defaults.items():
