@@ -376,3 +376,21 @@ def test_a_checkpoint_without_ema_resets_the_ema_and_its_ready_flag(flatten):
         two_step(fresh_model, fresh, batch(k))
     for p, q in zip(model.parameters(), fresh_model.parameters()):
         assert torch.equal(p.detach(), q.detach()), "the previous run's EMA survived the load"
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_common_wrapper_checkpoint_with_another_adaptive_flag_is_refused(adaptive):
+    """Their group says adaptive=True: SAM(adaptive=False) would ignore it, so it refuses."""
+    theirs_model = make_model()
+    theirs = CommonSAM(theirs_model.parameters(), torch.optim.SGD, rho=0.1, adaptive=adaptive, lr=0.05)
+    two_step(theirs_model, theirs, batch(0))
+    sd = through_disk(theirs.state_dict())
+    model = make_model()
+    mismatched = SAM(model.parameters(), torch.optim.SGD, adaptive=not adaptive, lr=0.2)
+    before = frozen_copy(model, mismatched)
+    with pytest.raises(ValueError, match="adaptive"):
+        mismatched.load_state_dict(sd)
+    assert_frozen(model, mismatched, before)
+    matching = SAM(model.parameters(), torch.optim.SGD, adaptive=adaptive, lr=0.2)
+    matching.load_state_dict(sd)
+    assert matching.param_groups[0]["adaptive"] is adaptive

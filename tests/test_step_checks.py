@@ -5,6 +5,8 @@ smaller cases of issue 13 (frozen parameters, empty first steps, the common
 wrapper's adaptive flag)."""
 from __future__ import annotations
 
+import numpy as np
+
 
 import pytest
 import torch
@@ -133,3 +135,95 @@ def test_complex_parameters_are_refused_at_construction(dtype, flatten, backend)
     with pytest.raises(ValueError, match="complex"):
         opt.add_param_group({"params": [z]})
     assert len(opt.param_groups) == 1
+
+
+def test_an_expanded_parameter_is_refused_at_construction(flatten):
+    """A stride-0 (expand()ed) tensor: one element stands for several."""
+    expanded = torch.zeros(1, 3).expand(4, 3).requires_grad_()
+    with pytest.raises(ValueError, match="overlap"):
+        SAM([expanded], torch.optim.SGD, lr=0.1, flatten=flatten)
+
+
+# -- smaller cases of issue 13 ------------------------------------------------------
+def test_a_numpy_float32_rho_is_accepted_like_a_float(flatten):
+    def perturbed_with(rho):
+        p = torch.zeros(3, requires_grad=True)
+        opt = SAM([p], torch.optim.SGD, rho=rho, lr=0.1, flatten=flatten)
+        p.grad = torch.tensor([1.0, 2.0, 2.0])
+        opt.first_step()
+        return p.detach().clone()
+
+    assert torch.equal(perturbed_with(np.float32(0.3)), perturbed_with(float(np.float32(0.3))))
+
+
+def test_a_first_step_without_gradients_leaves_the_ema_not_ready(flatten, backend):
+    """Nothing was seen, so the next real step is still a first step (plain SAM)."""
+    def make():
+        p = torch.zeros(4, requires_grad=True)
+        return p, InfoSAM([p], torch.optim.SGD, rho=0.1, lr=0.0, flatten=flatten, backend=backend)
+
+    p, opt = make()
+    opt.first_step()  # no gradient anywhere
+    opt.second_step()
+    fresh_p, fresh = make()
+    for q, o in ((p, opt), (fresh_p, fresh)):
+        q.grad = torch.tensor([1.0, -2.0, 0.5, 3.0])
+        o.first_step()
+    assert torch.equal(p.detach(), fresh_p.detach())
+
+
+def test_step_closure_after_a_failed_second_pass_steps_normally(flatten):
+    p = torch.ones(3, requires_grad=True)
+    opt = SAM([p], torch.optim.SGD, rho=0.1, lr=0.0, flatten=flatten)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory in the second pass")
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(MemoryError):
+        opt.step(closure)
+    assert torch.equal(p.detach(), torch.ones(3)), "the failed step left x + e"
+    opt.zero_grad()
+    opt.step(closure)
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
+def test_a_parameter_frozen_mid_training_stops_moving(flatten):
+    """requires_grad_(False): with flatten=True its gradient slot is kept
+    allocated, which must not keep Adam stepping it on momentum alone."""
+    p, q = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = SAM([p, q], torch.optim.Adam, rho=0.1, lr=0.1, flatten=flatten)
+
+    def step():
+        for _ in range(2):
+            loss = ((p - 1) ** 2).sum() + (((q - 1) ** 2).sum() if q.requires_grad else 0)
+            loss.backward()
+            (opt.first_step if _ == 0 else opt.second_step)(zero_grad=True)
+
+    step()
+    q.requires_grad_(False)
+    frozen = q.detach().clone()
+    for _ in range(3):
+        step()
+    assert torch.equal(q.detach(), frozen)
+
+
+@pytest.mark.parametrize("backend", ["eager"])
+def test_infosam_delta_too_small_for_eps_norm_is_refused(backend):
+    """eps_norm * delta = 1e-42 underflows: 1 / (0 + 1e-42) is inf in fp32 and
+    an all-zero gradient after the first step gave NaN parameters."""
+    with pytest.raises(ValueError, match="eps_norm \\* delta = 1e-42 is too small"):
+        InfoSAM([torch.zeros(2, requires_grad=True)], torch.optim.SGD, rho=0.05, delta=1e-30, lr=0.1, backend=backend)
+    p = torch.ones(2, requires_grad=True)
+    opt = InfoSAM([p], torch.optim.SGD, rho=0.05, delta=1e-25, lr=0.0, backend=backend)
+    for g in (torch.ones(2), torch.zeros(2)):
+        p.grad = g.clone()
+        opt.first_step()
+        assert torch.isfinite(p).all()
+        opt.second_step()
+    assert torch.equal(p.detach(), torch.ones(2))

@@ -84,6 +84,13 @@ def _check_param(p):
             "hold the real and imaginary parts as a real parameter (e.g. torch.view_as_real's layout) "
             "or optimize it with a plain torch optimizer"
         )
+    shard = local(p)
+    if any(st == 0 and n > 1 for n, st in zip(shard.shape, shard.stride())) or torch._debug_has_internal_overlap(shard) == 1:
+        raise ValueError(
+            f"a parameter of shape {tuple(p.shape)} has overlapping memory (strides {p.stride()}, e.g. "
+            "from expand()): one element stands for several, which a perturbation cannot write; "
+            "make it dense first (nn.Parameter(t.clone()))"
+        )
 
 
 def _check_rho(value, where="rho"):
@@ -188,7 +195,14 @@ class PreSAM(Optimizer):
         defaults = {"rho": rho, **(_extra_defaults or {})}
         ema_weight = {Objective.INFO: 1.0 - alpha, Objective.EMA: theta}.get(objective, 1.0)
         self.preconditioner = Preconditioner(objective, constraint, ema_weight, delta, eta, eps_norm)
-        self._rho_limit = _RHO_OVER_EPS_MAX * eps_norm * (min(delta, 1.0) if objective is Objective.INFO else 1.0)
+        smallest_eps = eps_norm * (min(delta, 1.0) if objective is Objective.INFO else 1.0)
+        if smallest_eps * _RHO_OVER_EPS_MAX < 1.0:
+            raise ValueError(
+                f"eps_norm{' * delta' if objective is Objective.INFO else ''} = {smallest_eps!r} is too small: "
+                f"1 / it must stay finite in fp32 (at least {1 / _RHO_OVER_EPS_MAX:g}), or an all-zero "
+                "gradient gives 0 * inf = NaN"
+            )
+        self._rho_limit = _RHO_OVER_EPS_MAX * smallest_eps
         for where, value in [("rho", rho)] + [(f"param_groups[{k}]['rho']", g["rho"]) for k, g in enumerate(groups)
                                               if "rho" in g and not isinstance(g["rho"], torch.Tensor)]:
             self._check_rho_scale(value, where)
@@ -437,7 +451,7 @@ class PreSAM(Optimizer):
                 self._ema_ready_before = {b.device: self._ready_flag(b.device).clone() for b in buckets}
         norm, skipped = self._backend.perturb(tables, buckets, spec, rhos, first, found_inf)
 
-        if spec.objective.has_state:
+        if spec.objective.has_state and any(len(t) for t in tables):  # no gradient anywhere: nothing seen
             flag = self._ready_flag(norm.device)
             torch.maximum(flag, (~skipped).float(), out=flag)
             self._host_ema_started = True
@@ -654,7 +668,11 @@ class PreSAM(Optimizer):
         if not any(p.grad is not None for p in self._params()):
             loss = closure()
         self.first_step(zero_grad=True)
-        second_loss = closure()
+        try:
+            second_loss = closure()
+        except BaseException:
+            self.restore()  # x back, so that the next step starts afresh
+            raise
         self._second_step()
         return second_loss if loss is None else loss
 
