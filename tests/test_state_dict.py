@@ -394,3 +394,16 @@ def test_a_common_wrapper_checkpoint_with_another_adaptive_flag_is_refused(adapt
     matching = SAM(model.parameters(), torch.optim.SGD, adaptive=adaptive, lr=0.2)
     matching.load_state_dict(sd)
     assert matching.param_groups[0]["adaptive"] is adaptive
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_infosam_over_adam_copies_before_its_first_step(how):
+    """A state entry holding only our grad_ema (flatten=True creates it at
+    construction; a frozen tensor keeps one) broke Adam's __setstate__."""
+    model = make_model()
+    opt = InfoSAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=0.01, flatten=True)
+    twin, twin_opt = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    for m, o in ((model, opt), (twin, twin_opt)):
+        two_step(m, o, batch(0))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.detach(), q.detach())

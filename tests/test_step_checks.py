@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from presam_kernels import SAM, InfoSAM
+from presam_kernels import SAM, FisherSAM, InfoSAM
 from test_midstep import assert_same, snapshot
 
 PERTURB = pytest.mark.parametrize("perturb", ["in_place", "out_of_place"])
@@ -227,3 +227,12 @@ def test_infosam_delta_too_small_for_eps_norm_is_refused(backend):
         assert torch.isfinite(p).all()
         opt.second_step()
     assert torch.equal(p.detach(), torch.ones(2))
+
+
+def test_fisher_sam_first_step_without_gradients_is_a_no_op(flatten, backend):
+    """Found by the fuzzer: the eager Fisher constraint called a foreach op on an empty list."""
+    p = torch.ones(3, requires_grad=True)
+    opt = FisherSAM([p], torch.optim.SGD, rho=0.1, lr=0.1, flatten=flatten, backend=backend)
+    opt.first_step()
+    opt.second_step()
+    assert torch.equal(p.detach(), torch.ones(3))

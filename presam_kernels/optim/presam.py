@@ -271,11 +271,20 @@ class PreSAM(Optimizer):
         state = dict(self.__dict__)
         backend = state.pop("_backend", None)
         state["_backend_name"] = None if backend is None else backend.name
+        base = state.pop("base_optimizer")
+        state["_base_optimizer_parts"] = (type(base), base.__getstate__())
         return state
 
     def __setstate__(self, state):
         state = dict(state)
         name = state.pop("_backend_name", None)
+        base_class, parts = state.pop("_base_optimizer_parts")
+        base = base_class.__new__(base_class)
+        # torch's Optimizer.__setstate__, not the class's own: Adam's reads
+        # state[p]["step"] of every non-empty entry, and one holding only our
+        # grad_ema (before the first step, or of a frozen tensor) has none.
+        Optimizer.__setstate__(base, parts)
+        state["base_optimizer"] = base
         super().__setstate__(state)
         if name is not None:
             self._backend = backends.get(name)
