@@ -236,3 +236,17 @@ def test_fisher_sam_first_step_without_gradients_is_a_no_op(flatten, backend):
     opt.first_step()
     opt.second_step()
     assert torch.equal(p.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("with_grads", [[True, False], [False, False]], ids=["one_bucket_idle", "no_gradients"])
+def test_infosam_steps_with_a_bucket_without_gradients(with_grads, flatten, backend):
+    """Found by the fuzzer: after the first step, a bucket (here the bf16 one,
+    frozen) with no gradient made the eager infoSAM direction crash."""
+    a, b = torch.zeros(5, requires_grad=True), torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    opt = InfoSAM([a, b], torch.optim.SGD, rho=0.1, lr=0.0, flatten=flatten, backend=backend)
+    for step in range(3):
+        for p, has in zip((a, b), with_grads if step else [True, True]):
+            p.grad = torch.ones_like(p) if has else None
+        opt.first_step()
+        opt.second_step()
+    assert torch.equal(a.detach(), torch.zeros(5)) and torch.equal(b.detach(), torch.zeros(4, dtype=torch.bfloat16))

@@ -458,7 +458,15 @@ class PreSAM(Optimizer):
                 for b in buckets:
                     b.ensure_grad_ema_prev().copy_(b.grad_ema)
                 self._ema_ready_before = {b.device: self._ready_flag(b.device).clone() for b in buckets}
-        norm, skipped = self._backend.perturb(tables, buckets, spec, rhos, first, found_inf)
+        # Buckets without a gradient this step (a frozen dtype) take no part: the backends assume rows.
+        active = [k for k, t in enumerate(tables) if len(t)]
+        if active:
+            norm, skipped = self._backend.perturb(
+                [tables[k] for k in active], [buckets[k] for k in active], spec, rhos, first, found_inf
+            )
+        else:
+            norm = torch.zeros((), dtype=torch.float32, device=buckets[0].device)
+            skipped = norm > 0 if found_inf is None else found_inf.reshape(()).to(norm.device) > 0
 
         if spec.objective.has_state and any(len(t) for t in tables):  # no gradient anywhere: nothing seen
             flag = self._ready_flag(norm.device)
