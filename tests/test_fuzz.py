@@ -26,10 +26,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import BACKENDS, INTERPRETER
-from presam_kernels import ASAM, SAM, FisherSAM, InfoSAM, VaSSO
+from presam_kernels import ASAM, SAM, FisherSAM, InfoSAM, VaSSO, backends
 from test_midstep import assert_same, snapshot
 
+# As tests/conftest.py decides (not imported: bench/ has a conftest module too).
+BACKENDS = ["eager", "triton"] if backends.triton_available() else ["eager"]
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 # Examples per test: (eager, triton).
 EXAMPLES = (400, 40) if THOROUGH else (25, 5)
