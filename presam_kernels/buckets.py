@@ -266,10 +266,14 @@ class Bucket:
     def zero_flat_grad(self):
         """flatten=True: zero every gradient in one op and keep them allocated;
         a gradient found replaced is pointed back at its zeroed slice, and a
-        parameter that never had one keeps none (so it joins no step)."""
+        parameter that never had one keeps none (so it joins no step); nor
+        does a frozen one (requires_grad off), which a kept zero gradient
+        would let the base optimizer step on momentum alone."""
         self.flat_grad.zero_()
         for i, p in enumerate(self.params):
-            if p.grad is not None and not self.in_place(i):
+            if p.grad is not None and not p.requires_grad:
+                p.grad = None
+            elif p.grad is not None and not self.in_place(i):
                 p.grad = self.view(self.flat_grad, i)
 
     # -- the per-step table ---------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -54,7 +55,7 @@ class Preconditioner:
 
 def check_finite_number(name: str, value, low=None, high=None, low_open=False, high_open=False, hint=""):
     """Raise ValueError naming ``name`` unless low (<|<=) value (<|<=) high."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real: NumPy scalars too
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}{hint}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}{hint}")

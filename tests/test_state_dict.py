@@ -301,3 +301,109 @@ def test_state_dict_of_the_common_sam_wrapper_loads(flatten):
     again = SAM(make_model(seed=9).parameters(), torch.optim.SGD, rho=0.05, lr=0.2, flatten=flatten)
     again.load_state_dict(through_disk(opt.state_dict()))
     assert again.param_groups[0]["rho"] == 0.1
+
+
+# ---------------------------------------------------------------------------
+# a checkpoint that does not fit: refused before anything is loaded
+# ---------------------------------------------------------------------------
+def frozen_copy(model, opt):
+    """Parameters, per-parameter state and hyperparameters, as plain copies."""
+    state = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+             for n, p in model.named_parameters()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return [p.detach().clone() for p in model.parameters()], state, groups
+
+
+def assert_frozen(model, opt, before):
+    params, state, groups = frozen_copy(model, opt)
+    for x, y in zip(before[0], params):
+        assert torch.equal(x, y)
+    assert state.keys() == before[1].keys()
+    for name, entry in before[1].items():
+        assert entry.keys() == state[name].keys(), name
+        for k, v in entry.items():
+            assert torch.equal(v, state[name][k]) if torch.is_tensor(v) else v == state[name][k], f"{name} {k}"
+    assert groups == before[2]
+
+
+BAD_ENTRIES = {
+    "ema_broadcastable": ("grad_ema", lambda v: torch.zeros(1, 1)),
+    "ema_wrong_shape": ("grad_ema", lambda v: torch.zeros(3, 3)),
+    "ema_integer": ("grad_ema", lambda v: v.to(torch.int64)),
+    "ema_ready_two_values": ("grad_ema_ready", lambda v: torch.ones(2)),
+    "momentum_wrong_shape": ("momentum_buffer", lambda v: torch.zeros(3, 3)),
+}
+
+
+@MODES
+@pytest.mark.parametrize("bad", list(BAD_ENTRIES))
+def test_load_state_dict_refuses_a_bad_entry_before_loading_anything(bad, flatten):
+    """A grad_ema (or base state) that does not fit its parameter: a ValueError
+    naming it, with the live optimizer (base state included) as it was."""
+    build, _ = VARIANTS["InfoSAM+SGD"]
+    src_model, model = make_model(), make_model(seed=1)
+    src = build(src_model.parameters(), flatten)
+    opt = build(model.parameters(), flatten)
+    for k in range(2):
+        two_step(src_model, src, batch(k))
+        two_step(model, opt, batch(k + 5))
+    sd = src.state_dict()
+    key, corrupt = BAD_ENTRIES[bad]
+    sd["state"][0] = {**sd["state"][0], key: corrupt(sd["state"][0][key])}
+    sd["state"][1] = {**sd["state"][1], "momentum_buffer": sd["state"][1]["momentum_buffer"] + 1}
+    before = frozen_copy(model, opt)
+    with pytest.raises(ValueError, match=key):
+        opt.load_state_dict(sd)
+    assert_frozen(model, opt, before)
+
+
+@MODES
+def test_a_checkpoint_without_ema_resets_the_ema_and_its_ready_flag(flatten):
+    """InfoSAM loading a checkpoint that has no grad_ema (saved by SAM, say):
+    the next step is a first step (plain SAM), as in a fresh InfoSAM."""
+    build, _ = VARIANTS["InfoSAM+SGD"]
+    model, fresh_model = make_model(), make_model()
+    opt = build(model.parameters(), flatten)
+    for k in range(3):
+        two_step(model, opt, batch(k))
+    sd = SAM(make_model().parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9).state_dict()
+    fresh = build(fresh_model.parameters(), flatten)
+    fresh_model.load_state_dict(model.state_dict())
+    opt.load_state_dict(sd)
+    fresh.load_state_dict(sd)
+    for k in range(3, 5):
+        two_step(model, opt, batch(k))
+        two_step(fresh_model, fresh, batch(k))
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(p.detach(), q.detach()), "the previous run's EMA survived the load"
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_common_wrapper_checkpoint_with_another_adaptive_flag_is_refused(adaptive):
+    """Their group says adaptive=True: SAM(adaptive=False) would ignore it, so it refuses."""
+    theirs_model = make_model()
+    theirs = CommonSAM(theirs_model.parameters(), torch.optim.SGD, rho=0.1, adaptive=adaptive, lr=0.05)
+    two_step(theirs_model, theirs, batch(0))
+    sd = through_disk(theirs.state_dict())
+    model = make_model()
+    mismatched = SAM(model.parameters(), torch.optim.SGD, adaptive=not adaptive, lr=0.2)
+    before = frozen_copy(model, mismatched)
+    with pytest.raises(ValueError, match="adaptive"):
+        mismatched.load_state_dict(sd)
+    assert_frozen(model, mismatched, before)
+    matching = SAM(model.parameters(), torch.optim.SGD, adaptive=adaptive, lr=0.2)
+    matching.load_state_dict(sd)
+    assert matching.param_groups[0]["adaptive"] is adaptive
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_infosam_over_adam_copies_before_its_first_step(how):
+    """A state entry holding only our grad_ema (flatten=True creates it at
+    construction; a frozen tensor keeps one) broke Adam's __setstate__."""
+    model = make_model()
+    opt = InfoSAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=0.01, flatten=True)
+    twin, twin_opt = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    for m, o in ((model, opt), (twin, twin_opt)):
+        two_step(m, o, batch(0))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.detach(), q.detach())

@@ -93,7 +93,7 @@ _ONE = torch.ones(())
 def _constraint(spec: Preconditioner, table, g):
     """c per row, or None where c = 1."""
     kind = spec.constraint
-    if kind is Constraint.NONE:
+    if kind is Constraint.NONE or not len(table):  # no rows: the foreach ops refuse empty lists
         return [None] * len(table)
     if kind is Constraint.FISHER:
         c = torch._foreach_mul(g, g)

@@ -25,6 +25,16 @@ GRAD_EMA_READY = "grad_ema_ready"
 # Keys a checkpoint of the common SAM wrapper holds per parameter: transient.
 _COMMON_WRAPPER_KEYS = frozenset({"old_p", "e_w"})
 PERTURB_MODES = ("auto", "in_place", "out_of_place")
+# Base optimizer state keys (torch.optim) that hold one value per parameter element.
+_PER_ELEMENT_STATE = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg"})
+
+# Between first_step and second_step the parameters hold x + e: every operation
+# that reads or replaces the optimizer's parameters, layout or state refuses then.
+_MIDSTEP = (
+    "{what} between first_step() and second_step(): the parameters hold the perturbed "
+    "point x + e now; call opt.second_step() (after the second backward) or opt.restore() "
+    "(puts them back at x and drops the pending step) first"
+)
 
 _STEP_WITHOUT_CLOSURE = (
     "{cls}.step() needs a closure that runs the forward and backward pass, because "
@@ -53,17 +63,34 @@ def _split_names(params):
         group = dict(group)
         members = group["params"]
         members = [members] if isinstance(members, torch.Tensor) else list(members)
-        plain = []
+        plain, seen = [], set()
         for m in members:
-            if isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str):
-                names.append(m[0])
-                plain.append(m[1])
-            else:
-                names.append(None)
-                plain.append(m)
+            name, tensor = m if isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str) else (None, m)
+            if id(tensor) in seen:
+                continue  # listed twice (a tied weight): one row, one backup
+            seen.add(id(tensor))
+            names.append(name)
+            plain.append(tensor)
         group["params"] = plain
         out.append(group)
     return out, names
+
+
+def _check_param(p):
+    """Raise ValueError for a parameter the perturbation cannot handle."""
+    if p.is_complex():
+        raise ValueError(
+            f"complex parameters are not supported (got one of dtype {p.dtype}, shape {tuple(p.shape)}): "
+            "hold the real and imaginary parts as a real parameter (e.g. torch.view_as_real's layout) "
+            "or optimize it with a plain torch optimizer"
+        )
+    shard = local(p)
+    if any(st == 0 and n > 1 for n, st in zip(shard.shape, shard.stride())) or torch._debug_has_internal_overlap(shard) == 1:
+        raise ValueError(
+            f"a parameter of shape {tuple(p.shape)} has overlapping memory (strides {p.stride()}, e.g. "
+            "from expand()): one element stands for several, which a perturbation cannot write; "
+            "make it dense first (nn.Parameter(t.clone()))"
+        )
 
 
 def _check_rho(value, where="rho"):
@@ -142,7 +169,7 @@ class PreSAM(Optimizer):
         except ValueError:
             raise ValueError(f"constraint must be one of {[c.value for c in Constraint]}, got {constraint!r}") from None
         _check_rho(rho)
-        check_finite_number("eps_norm", eps_norm, low=0.0, hint="; the default is 1e-12")
+        check_finite_number("eps_norm", eps_norm, low=0.0, low_open=True, hint="; the default is 1e-12")
         if objective is Objective.INFO:
             check_finite_number("alpha", alpha, low=0.0, high=1.0, high_open=True, hint="; infoSAM uses about 0.9")
             check_finite_number("delta", delta, low=0.0, low_open=True, hint="; the default is 1e-12")
@@ -159,12 +186,26 @@ class PreSAM(Optimizer):
             raise ValueError(f"perturb must be one of {PERTURB_MODES}, got {perturb!r}")
 
         groups, names = _split_names(params)
+        for group in groups:
+            for p in group["params"]:
+                _check_param(p)
         for k, group in enumerate(groups):
             if "rho" in group:
                 _check_rho(group["rho"], where=f"param_groups[{k}]['rho']")
         defaults = {"rho": rho, **(_extra_defaults or {})}
         ema_weight = {Objective.INFO: 1.0 - alpha, Objective.EMA: theta}.get(objective, 1.0)
         self.preconditioner = Preconditioner(objective, constraint, ema_weight, delta, eta, eps_norm)
+        smallest_eps = eps_norm * (min(delta, 1.0) if objective is Objective.INFO else 1.0)
+        if smallest_eps * _RHO_OVER_EPS_MAX < 1.0:
+            raise ValueError(
+                f"eps_norm{' * delta' if objective is Objective.INFO else ''} = {smallest_eps!r} is too small: "
+                f"1 / it must stay finite in fp32 (at least {1 / _RHO_OVER_EPS_MAX:g}), or an all-zero "
+                "gradient gives 0 * inf = NaN"
+            )
+        self._rho_limit = _RHO_OVER_EPS_MAX * smallest_eps
+        for where, value in [("rho", rho)] + [(f"param_groups[{k}]['rho']", g["rho"]) for k, g in enumerate(groups)
+                                              if "rho" in g and not isinstance(g["rho"], torch.Tensor)]:
+            self._check_rho_scale(value, where)
         self.flatten = flatten
         self.backend_choice = backend
         self.perturb_mode = perturb
@@ -180,6 +221,8 @@ class PreSAM(Optimizer):
                     "base_optimizer is an instance: params must be exactly its parameters "
                     "(pass base_optimizer.param_groups' parameters, or pass the class instead)"
                 )
+            for group in base_optimizer.param_groups:  # a tied weight listed twice: keep it once
+                group["params"] = list({id(p): p for p in group["params"]}.values())
             super().__init__(base_optimizer.param_groups, defaults)
             self.base_optimizer = base_optimizer
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
@@ -206,6 +249,7 @@ class PreSAM(Optimizer):
         self._pending = None  # tables perturbed by first_step, awaiting second_step
         self._pending_perturbed = None  # their per-group perturbed flags
         self._switched = []  # out of place: (param, its own .data) while it points at x + e
+        self._pending_storage = None  # the parameters' storage addresses first_step left
         self.last_step_fused = False  # whether the last second_step fused the base update
         self._first_found_inf = None
         self._host_ema_started = False
@@ -222,19 +266,36 @@ class PreSAM(Optimizer):
     def __getstate__(self):
         """Everything (torch's Optimizer keeps only groups, state and defaults,
         which is not enough to step), but the backend by name: a module does
-        not pickle."""
+        not pickle.  Refused between the two steps (the copy would hold x + e)."""
+        self._refuse_midstep("copy.deepcopy() or pickling of the optimizer")
         state = dict(self.__dict__)
         backend = state.pop("_backend", None)
         state["_backend_name"] = None if backend is None else backend.name
+        base = state.pop("base_optimizer")
+        state["_base_optimizer_parts"] = (type(base), base.__getstate__())
         return state
 
     def __setstate__(self, state):
         state = dict(state)
         name = state.pop("_backend_name", None)
+        base_class, parts = state.pop("_base_optimizer_parts")
+        base = base_class.__new__(base_class)
+        # torch's Optimizer.__setstate__, not the class's own: Adam's reads
+        # state[p]["step"] of every non-empty entry, and one holding only our
+        # grad_ema (before the first step, or of a frozen tensor) has none.
+        Optimizer.__setstate__(base, parts)
+        state["base_optimizer"] = base
         super().__setstate__(state)
         if name is not None:
             self._backend = backends.get(name)
         self._handle = library_ops.register(self)  # a copy is another optimizer
+
+    def _refuse_midstep(self, what):
+        if getattr(self, "_pending", None) is not None:
+            raise RuntimeError(_MIDSTEP.format(what=what))
+
+    def _storage_of_params(self):
+        return tuple(p.data_ptr() for p in self._params())
 
     # -- parameters and buckets --------------------------------------------
     def _params(self):
@@ -257,6 +318,8 @@ class PreSAM(Optimizer):
         """The buckets, rebuilt when parameters were added or moved to another
         device or dtype (the EMA state travels with its parameter); with
         flatten=True, a parameter or gradient found replaced is copied back in."""
+        if self._pending is not None and self._buckets is not None:
+            return self._buckets  # never re-laid out under a pending step: restore needs its tables
         key = self._layout_key()
         if self._buckets is not None and key == self._layout:
             # Never copy x + e into the flat parameters, nor an op's operands.
@@ -311,12 +374,40 @@ class PreSAM(Optimizer):
             if rho is None:
                 raise KeyError(f"param_groups[{k}] has no 'rho'; set it (the optimizer default is {self.defaults['rho']})")
             if isinstance(rho, torch.Tensor):
-                perturbed.append(True)  # a device tensor is never read on the host
+                # Metadata only: the value is checked on the device (_bad_rho).
+                if rho.numel() != 1 or not rho.is_floating_point():
+                    raise ValueError(
+                        f"param_groups[{k}]['rho'] must be a one-element floating-point tensor, got "
+                        f"shape {tuple(rho.shape)} and dtype {rho.dtype}"
+                    )
+                perturbed.append(True)
             else:
                 _check_rho(rho, where=f"param_groups[{k}]['rho']")
+                rho = float(rho)
+                self._check_rho_scale(rho, f"param_groups[{k}]['rho']")
                 perturbed.append(rho != 0)
             rhos.append(rho)
         return rhos, perturbed
+
+    def _check_rho_scale(self, rho, where):
+        if float(rho) > self._rho_limit:
+            raise ValueError(
+                f"{where} = {rho!r} is too large for eps_norm = {self.preconditioner.eps_norm!r}: the step "
+                f"divides rho by eps_norm{' * delta' if self.preconditioner.objective is Objective.INFO else ''} "
+                f"and must stay finite in fp32 (rho <= {self._rho_limit:.3g}), or an all-zero gradient "
+                "gives 0 * inf = NaN"
+            )
+
+    def _bad_rho(self, rhos, device):
+        """1.0 (0-d fp32, on ``device``) when a tensor rho is non-finite,
+        negative or too large; None when every rho is a number.  Never read
+        on the host: the backend treats it as a found overflow (a skipped step)."""
+        tensors = [r for r in rhos if isinstance(r, torch.Tensor)]
+        if not tensors:
+            return None
+        values = torch.stack([r.detach().reshape(()).to(device=device, dtype=torch.float32) for r in tensors])
+        good = torch.isfinite(values) & (values >= 0) & (values <= self._rho_limit)
+        return (~good).any().float()
 
     def _check_grads(self):
         for p in self._params():
@@ -354,6 +445,9 @@ class PreSAM(Optimizer):
         ]
         scaler = amp.active(grad_scaler)
         found_inf = amp.unscale_first_pass(self, scaler, tables, self._backend) if scaler else None
+        bad_rho = self._bad_rho(rhos, buckets[0].device)
+        if bad_rho is not None:
+            found_inf = bad_rho if found_inf is None else found_inf + bad_rho.to(found_inf.device)
 
         spec = self.preconditioner
         first = True
@@ -364,9 +458,17 @@ class PreSAM(Optimizer):
                 for b in buckets:
                     b.ensure_grad_ema_prev().copy_(b.grad_ema)
                 self._ema_ready_before = {b.device: self._ready_flag(b.device).clone() for b in buckets}
-        norm, skipped = self._backend.perturb(tables, buckets, spec, rhos, first, found_inf)
+        # Buckets without a gradient this step (a frozen dtype) take no part: the backends assume rows.
+        active = [k for k, t in enumerate(tables) if len(t)]
+        if active:
+            norm, skipped = self._backend.perturb(
+                [tables[k] for k in active], [buckets[k] for k in active], spec, rhos, first, found_inf
+            )
+        else:
+            norm = torch.zeros((), dtype=torch.float32, device=buckets[0].device)
+            skipped = norm > 0 if found_inf is None else found_inf.reshape(()).to(norm.device) > 0
 
-        if spec.objective.has_state:
+        if spec.objective.has_state and any(len(t) for t in tables):  # no gradient anywhere: nothing seen
             flag = self._ready_flag(norm.device)
             torch.maximum(flag, (~skipped).float(), out=flag)
             self._host_ema_started = True
@@ -376,6 +478,7 @@ class PreSAM(Optimizer):
         self._first_found_inf = skipped if scaler is not None else None
         self._pending = tables
         self._pending_perturbed = perturbed
+        self._pending_storage = None if self._bound_to_operands else self._storage_of_params()
 
     def _ready_flag(self, device):
         if device not in self._ema_ready:
@@ -399,6 +502,17 @@ class PreSAM(Optimizer):
             raise RuntimeError(
                 "second_step() got grad_scaler but first_step() did not; pass the same "
                 "GradScaler to both steps"
+            )
+        if scaler is None and self._first_found_inf is not None:
+            raise RuntimeError(
+                "first_step() got grad_scaler but second_step() did not, so the base step would "
+                "use scaled gradients; pass the same GradScaler to both steps"
+            )
+        if self._moved_since_first_step():
+            raise RuntimeError(
+                "the parameters were moved, converted or replaced between first_step() and "
+                "second_step() (model.to(), p.data = ...), so x can no longer be restored in place; "
+                "call opt.restore() (writes x into them where they are now), then take the step again"
             )
         found_second = amp.unscale_second_pass(self, scaler, self._pending) if scaler else None
         tables, perturbed = self._pending, self._pending_perturbed
@@ -433,6 +547,29 @@ class PreSAM(Optimizer):
             self.zero_grad()
 
     # -- out-of-place perturbation and the fused base update ----------------
+    def _moved_since_first_step(self) -> bool:
+        return (
+            self._pending_storage is not None
+            and not self._bound_to_operands
+            and self._storage_of_params() != self._pending_storage
+        )
+
+    def _restore_moved(self):
+        """restore() after parameters were moved or replaced mid-step: x, from
+        where first_step kept it, copied into each perturbed parameter as it is
+        now (converting dtype and device)."""
+        own = {id(p): data for p, data in self._switched}  # out of place: x is the parameter's own storage
+        for bucket, table in zip(self._buckets, self._pending):
+            for i in _perturbed_members(bucket, table):
+                p = bucket.params[i]
+                if id(p) not in own:
+                    local(p.data).copy_(bucket.views(bucket.backup)[i])
+                elif p.data_ptr() == bucket.adversarial_view(i).data_ptr() and p.dtype == bucket.dtype:
+                    p.data = own[id(p)]  # this one was not moved: point it back
+                else:
+                    local(p.data).copy_(own[id(p)])
+        self._switched = []
+
     def _out_of_place(self, bucket) -> bool:
         """Whether ``bucket`` is perturbed out of place this step."""
         if self.perturb_mode == "in_place" or bucket.mesh is not None or self._bound_to_operands:
@@ -548,7 +685,11 @@ class PreSAM(Optimizer):
         if not any(p.grad is not None for p in self._params()):
             loss = closure()
         self.first_step(zero_grad=True)
-        second_loss = closure()
+        try:
+            second_loss = closure()
+        except BaseException:
+            self.restore()  # x back, so that the next step starts afresh
+            raise
         self._second_step()
         return second_loss if loss is None else loss
 
@@ -565,9 +706,12 @@ class PreSAM(Optimizer):
         """Put the parameters back at x after a failed second pass (for example
         out of memory) and forget the pending step. A no-op without one."""
         if self._pending is not None:
-            self._switch_back()
-            self._backend.restore(self._pending)
-            self._pending = self._pending_perturbed = None
+            if self._moved_since_first_step():
+                self._restore_moved()
+            else:
+                self._switch_back()
+                self._backend.restore(self._pending)
+            self._pending = self._pending_perturbed = self._pending_storage = None
             self._first_found_inf = None
 
     def zero_grad(self, set_to_none: bool | None = None):
@@ -597,8 +741,11 @@ class PreSAM(Optimizer):
     def add_param_group(self, param_group):
         if not hasattr(self, "base_optimizer"):  # called from Optimizer.__init__
             return super().add_param_group(param_group)
+        self._refuse_midstep("add_param_group()")
         groups, names = _split_names([param_group])
         group = groups[0]
+        for p in group["params"]:
+            _check_param(p)
         if "rho" in group:
             _check_rho(group["rho"], where="param_group['rho']")
         for key, value in self.defaults.items():
@@ -613,6 +760,7 @@ class PreSAM(Optimizer):
         """torch's {state, param_groups}, with the base optimizer's entries and
         ours side by side per parameter; our entries are copies of each
         parameter's slice (never the whole flat buffer)."""
+        self._refuse_midstep("state_dict()")
         sd = super().state_dict()
         ours = base_update.views_of_ours(self._buckets or [])
         if ours:
@@ -636,6 +784,7 @@ class PreSAM(Optimizer):
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class, or of the common SAM wrapper (its
         transient per-parameter entries are dropped; it holds no base state)."""
+        self._refuse_midstep("load_state_dict()")
         state_dict = {"state": dict(state_dict["state"]), "param_groups": state_dict["param_groups"]}
         ours = {}
         for index, entry in list(state_dict["state"].items()):
@@ -656,6 +805,7 @@ class PreSAM(Optimizer):
                 f"this state_dict holds '{GRAD_EMA}' entries (saved by InfoSAM or VaSSO) but "
                 f"{type(self).__name__} keeps no EMA; load it into the optimizer class that saved it"
             )
+        self._check_loadable(state_dict, ours)  # everything, before anything is loaded
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -664,6 +814,14 @@ class PreSAM(Optimizer):
                 group.setdefault(key, value)
         self._pending = None
         self._ensure_buckets()
+        if self.preconditioner.objective.has_state:
+            # What the checkpoint does not hold starts fresh, not from the previous run.
+            for bucket in self._buckets:
+                if bucket.grad_ema is not None:
+                    bucket.grad_ema.zero_()
+            for flag in self._ema_ready.values():
+                flag.zero_()
+            self._host_ema_started = False
         # Saved keys are whatever the saved groups list (indices, or FQNs when
         # torch.distributed.checkpoint rekeyed them), in our parameters' order.
         saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
@@ -674,6 +832,42 @@ class PreSAM(Optimizer):
                 p = param_of[key]
                 self._ready_flag(p.device).copy_(mine[GRAD_EMA_READY])
                 self._host_ema_started = True
+
+    def _check_loadable(self, state_dict, ours):
+        """Raise ValueError for a checkpoint whose entries do not fit our
+        parameters (shape, dtype) or whose groups ask for another variant."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            return  # torch's load_state_dict refuses it, before changing anything
+        adaptive = self.preconditioner.constraint is Constraint.ADAPTIVE
+        for k, group in enumerate(saved_groups):
+            if "adaptive" in group and bool(group["adaptive"]) != adaptive:
+                raise ValueError(
+                    f"param_groups[{k}] was saved with adaptive={group['adaptive']} but this "
+                    f"{type(self).__name__} has adaptive={adaptive}; build it with adaptive={group['adaptive']}"
+                )
+        saved_keys = [key for group in saved_groups for key in group["params"]]
+        param_of = dict(zip(saved_keys, self._params()))
+        entries = [(key, entry) for key, entry in state_dict["state"].items()] + list(ours.items())
+        for key, entry in entries:
+            p = param_of.get(key)
+            if p is None:
+                continue  # torch keeps entries of unknown keys as they are
+            for name, value in entry.items():
+                where = f"state_dict['state'][{key!r}][{name!r}]"
+                if name == GRAD_EMA_READY:
+                    if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                        raise ValueError(f"{where} must be a one-element tensor, got {value!r}")
+                    continue
+                if name != GRAD_EMA and name not in _PER_ELEMENT_STATE:
+                    continue
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"{where} has shape {shape}, but its parameter has shape {tuple(p.shape)}")
+                if name == GRAD_EMA and not (value.is_floating_point()):
+                    raise ValueError(f"{where} must be a floating-point tensor, got {value.dtype}")
 
     def __repr__(self):
         spec = self.preconditioner
@@ -698,6 +892,9 @@ class PreSAM(Optimizer):
 # switch of .data is host work a replay would not repeat.  Replace with the
 # H100 crossover once measured (bench/gpu_check.sh prints it).
 _OUT_OF_PLACE_MIN_AVG = {"cpu": 0}
+# rho / eps_norm (times delta for infoSAM) at most this: rho * 1 / (||c u|| + eps)
+# then stays finite in fp32 (max 3.4e38), so an all-zero gradient gives e = 0.
+_RHO_OVER_EPS_MAX = 1e38
 
 
 def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:
@@ -712,6 +909,17 @@ def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _perturbed_members(bucket, table):
+    """The bucket's indices of the parameters ``table``'s perturbed rows cover."""
+    if table.members is not None:
+        return [i for r, i in enumerate(table.members) if table.perturbed[r]]
+    out = []
+    for start, length, perturbed in zip(table.offsets, table.lengths, table.perturbed):
+        if perturbed:
+            out += [i for i, offset in enumerate(bucket.offsets) if start <= offset < start + length]
+    return out
 
 
 def _same_params(params, optimizer) -> bool:
