@@ -25,6 +25,10 @@ GRAD_EMA_READY = "grad_ema_ready"
 # Keys a checkpoint of the common SAM wrapper holds per parameter: transient.
 _COMMON_WRAPPER_KEYS = frozenset({"old_p", "e_w"})
 PERTURB_MODES = ("auto", "in_place", "out_of_place")
+FIRST_PASS_MODES = ("auto", "closure", "done")
+# Attribute set on a gradient tensor by the optimizer: its version when the
+# optimizer last stepped or zeroed it (step(closure)'s first-pass rule).
+_SEEN_VERSION = "_presam_seen_version"
 
 _STEP_WITHOUT_CLOSURE = (
     "{cls}.step() needs a closure that runs the forward and backward pass, because "
@@ -53,13 +57,17 @@ def _split_names(params):
         group = dict(group)
         members = group["params"]
         members = [members] if isinstance(members, torch.Tensor) else list(members)
+        # torch >= 2.5 optimizers built on named parameters keep the names in
+        # their groups: ASAM(base.param_groups, base) then knows them.
+        given = group.get("param_names")
+        given = list(given) if given is not None and len(given) == len(members) else [None] * len(members)
         plain = []
-        for m in members:
+        for m, given_name in zip(members, given):
             if isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str):
                 names.append(m[0])
                 plain.append(m[1])
             else:
-                names.append(None)
+                names.append(given_name)
                 plain.append(m)
         group["params"] = plain
         out.append(group)
@@ -175,7 +183,7 @@ class PreSAM(Optimizer):
                     f"base_optimizer is an instance, so these arguments have nowhere to go: "
                     f"{sorted(base_kwargs)}; pass them to the base optimizer yourself or pass its class"
                 )
-            if len(groups) != 1 or groups[0]["params"] and not _same_params(groups[0]["params"], base_optimizer):
+            if not _same_params([p for g in groups for p in g["params"]], base_optimizer):
                 raise ValueError(
                     "base_optimizer is an instance: params must be exactly its parameters "
                     "(pass base_optimizer.param_groups' parameters, or pass the class instead)"
@@ -197,9 +205,12 @@ class PreSAM(Optimizer):
         # Schedulers read hyperparameters from defaults (OneCycleLR: momentum or betas).
         self.defaults = {**self.base_optimizer.defaults, **self.defaults}
 
+        # Names by identity, from the tensors they were passed with (a base
+        # optimizer's groups may list the parameters in another order).
         self._names = {}
-        for p, n in zip((p for g in self.param_groups for p in g["params"]), names if len(names) else []):
-            self._names[p] = n
+        for p, n in zip((p for g in groups for p in g["params"]), names):
+            if n is not None:
+                self._names[p] = n
         self._is_weight_fn = is_weight
         self._buckets = None
         self._layout = None
@@ -528,29 +539,76 @@ class PreSAM(Optimizer):
     @Optimizer.profile_hook_step
     def _hooked_second_step(self, zero_grad=False, grad_scaler=None):
         self._opt_called = True  # what LR schedulers check to see that the optimizer stepped
-        return self._second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
+        self._second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
+        self._mark_gradients_seen()
 
-    def step(self, closure=None):
+    # GradScaler.step(opt, closure) hands the scaler to step() as grad_scaler
+    # instead of unscaling only the first pass and stepping on the scaled
+    # second one (torch/amp/grad_scaler.py, "_step_supports_amp_scaling").
+    _step_supports_amp_scaling = True
+
+    def step(self, closure=None, grad_scaler=None, *, first_pass: str = "auto"):
         """One full SAM step driven by ``closure`` (forward + backward, returns the loss).
 
-        When gradients are present the first backward is taken as done (as the
-        common SAM wrapper assumes); otherwise the closure runs first (as
-        Lightning and accelerate expect). Returns the loss at x when the
-        closure computed it, else the loss at x + e.
+        ``first_pass`` says where the first backward's gradients come from:
+        ``"auto"``: the gradients present when a backward wrote them since this
+        optimizer's last step or ``zero_grad`` (the common SAM wrapper's
+        ``loss.backward(); opt.step(closure)``), else the closure runs first (torch's
+        closure idiom; gradients left by the last step or kept zeroed by
+        ``zero_grad`` are never taken). ``"closure"``: the closure runs first and its
+        gradients add to those present (gradient accumulation, as Lightning does
+        it). ``"done"``: ``first_step()`` already ran; the closure is the second
+        pass. ``grad_scaler`` is the README's ``grad_scaler=`` flow (``scaler.step(opt,
+        closure)`` passes it). A closure that raises leaves the parameters at x and
+        nothing pending. Returns the loss at x when the closure computed it, else
+        the loss at x + e.
         """
         if closure is None:
             if _called_from_checkpoint_state_init():
                 self._init_state_for_checkpoint()
                 return None
             raise RuntimeError(_STEP_WITHOUT_CLOSURE.format(cls=type(self).__name__))
+        if first_pass not in FIRST_PASS_MODES:
+            raise ValueError(f"first_pass must be one of {FIRST_PASS_MODES}, got {first_pass!r}")
+        if first_pass == "done" and self._pending is None:
+            raise RuntimeError("step(closure, first_pass='done') needs a first_step() before it")
+        if first_pass != "done" and self._pending is not None:
+            raise RuntimeError(
+                "first_step() already ran: finish the step with second_step() or "
+                "step(closure, first_pass='done'), or call restore()"
+            )
+        run_first = first_pass == "closure" or (first_pass == "auto" and not self._backward_since_last_step())
+        scaler = amp.active(grad_scaler)
+        if scaler is not None and run_first:
+            amp.check_closure_first_pass(self, scaler)
         closure = torch.enable_grad()(closure)
         loss = None
-        if not any(p.grad is not None for p in self._params()):
-            loss = closure()
-        self.first_step(zero_grad=True)
-        second_loss = closure()
-        self._second_step()
+        try:
+            if first_pass != "done":
+                if run_first:
+                    loss = closure()
+                self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+            second_loss = closure()
+        except BaseException:
+            self.restore()  # x back, nothing pending: the next step starts clean
+            raise
+        self._second_step(grad_scaler=grad_scaler)
+        self._mark_gradients_seen()
         return second_loss if loss is None else loss
+
+    def _mark_gradients_seen(self):
+        """Tag each gradient with its version counter: a backward that writes it
+        later (in place or as a new tensor) makes it a first pass for step()."""
+        if torch.compiler.is_compiling():
+            return
+        for p in self._params():
+            if p.grad is not None:
+                setattr(p.grad, _SEEN_VERSION, p.grad._version)
+
+    def _backward_since_last_step(self) -> bool:
+        return any(
+            p.grad is not None and getattr(p.grad, _SEEN_VERSION, None) != p.grad._version for p in self._params()
+        )
 
     @torch.no_grad()
     def _init_state_for_checkpoint(self):
@@ -569,6 +627,7 @@ class PreSAM(Optimizer):
             self._backend.restore(self._pending)
             self._pending = self._pending_perturbed = None
             self._first_found_inf = None
+        self._mark_gradients_seen()
 
     def zero_grad(self, set_to_none: bool | None = None):
         """As torch's, except that with ``flatten=True`` the default keeps the
@@ -582,6 +641,7 @@ class PreSAM(Optimizer):
                 b.zero_flat_grad()
         else:
             self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        self._mark_gradients_seen()  # kept zeros are not a first pass
 
     def _traced_zero_grad(self, set_to_none: bool):
         """zero_grad as torch.compile can trace it (torch's own is skipped by
