@@ -568,6 +568,17 @@ class PreSAM(Optimizer):
                 self._init_state_for_checkpoint()
                 return None
             raise RuntimeError(_STEP_WITHOUT_CLOSURE.format(cls=type(self).__name__))
+        if grad_scaler is None and ("found_inf" in self.__dict__ or "grad_scale" in self.__dict__):
+            # GradScaler.step set these instead of handing itself over (it does so
+            # when step is wrapped, as accelerate's AcceleratedOptimizer wraps it):
+            # the second pass's overflow could not reach scaler.update().
+            self.__dict__.pop("found_inf", None)
+            self.__dict__.pop("grad_scale", None)
+            raise RuntimeError(
+                "GradScaler.step called this optimizer without passing itself as grad_scaler (its step "
+                "is wrapped, e.g. by accelerate's AcceleratedOptimizer); use the two-step API with "
+                "grad_scaler=scaler on both steps (presam_kernels.integrations.accelerate does this)"
+            )
         if first_pass not in FIRST_PASS_MODES:
             raise ValueError(f"first_pass must be one of {FIRST_PASS_MODES}, got {first_pass!r}")
         if first_pass == "done" and self._pending is None:
