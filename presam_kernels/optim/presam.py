@@ -558,11 +558,14 @@ class PreSAM(Optimizer):
         ``zero_grad`` are never taken). ``"closure"``: the closure runs first and its
         gradients add to those present (gradient accumulation, as Lightning does
         it). ``"done"``: ``first_step()`` already ran; the closure is the second
-        pass. ``grad_scaler`` is the README's ``grad_scaler=`` flow (``scaler.step(opt,
-        closure)`` passes it). A closure that raises leaves the parameters at x and
+        pass (``closure=None``: the caller took it, as the Hugging Face Trainer
+        does). ``grad_scaler`` is the README's ``grad_scaler=`` flow
+        (``scaler.step(opt, closure)`` passes it). A closure that raises leaves the parameters at x and
         nothing pending. Returns the loss at x when the closure computed it, else
         the loss at x + e.
         """
+        if closure is None and first_pass == "done" and self._pending is not None:
+            closure = _no_second_pass  # the caller took the second backward already
         if closure is None:
             if _called_from_checkpoint_state_init():
                 self._init_state_for_checkpoint()
@@ -783,6 +786,10 @@ def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _no_second_pass():
+    return None
 
 
 def _same_params(params, optimizer) -> bool:
