@@ -546,23 +546,28 @@ class PreSAM(Optimizer):
     # instead of unscaling only the first pass and stepping on the scaled
     # second one (torch/amp/grad_scaler.py, "_step_supports_amp_scaling").
     _step_supports_amp_scaling = True
+    # Whether zero_grad and the steps tag gradients for step(closure)'s rule:
+    # from the first step(closure) on, so that the two-step API pays nothing.
+    _tracks_gradients = False
 
     def step(self, closure=None, grad_scaler=None, *, first_pass: str = "auto"):
         """One full SAM step driven by ``closure`` (forward + backward, returns the loss).
 
-        ``first_pass`` says where the first backward's gradients come from:
-        ``"auto"``: the gradients present when a backward wrote them since this
+        ``first_pass`` says where the first backward's gradients come from.
+        ``"auto"``: the gradients present, when a backward wrote them since this
         optimizer's last step or ``zero_grad`` (the common SAM wrapper's
-        ``loss.backward(); opt.step(closure)``), else the closure runs first (torch's
-        closure idiom; gradients left by the last step or kept zeroed by
-        ``zero_grad`` are never taken). ``"closure"``: the closure runs first and its
-        gradients add to those present (gradient accumulation, as Lightning does
-        it). ``"done"``: ``first_step()`` already ran; the closure is the second
-        pass (``closure=None``: the caller took it, as the Hugging Face Trainer
-        does). ``grad_scaler`` is the README's ``grad_scaler=`` flow
-        (``scaler.step(opt, closure)`` passes it). A closure that raises leaves the parameters at x and
-        nothing pending. Returns the loss at x when the closure computed it, else
-        the loss at x + e.
+        ``loss.backward(); opt.step(closure)``); otherwise the closure runs first
+        (torch's closure idiom). Gradients left by the last step or kept zeroed by
+        ``zero_grad`` are never taken; they are tracked by version from the first
+        ``step(closure)`` on, so before it any gradient present counts.
+        ``"closure"``: the closure runs first and its gradients add to those
+        present (gradient accumulation, as Lightning does it). ``"done"``:
+        ``first_step()`` already ran; the closure is the second pass
+        (``closure=None``: the caller took it, as the Hugging Face Trainer does).
+        ``grad_scaler``: the README's ``grad_scaler=`` flow (``scaler.step(opt,
+        closure)`` passes it). A closure that raises leaves the parameters at x
+        and nothing pending. Returns the loss at x when the closure computed it,
+        else the loss at x + e.
         """
         if closure is None and first_pass == "done" and self._pending is not None:
             closure = _no_second_pass  # the caller took the second backward already
@@ -592,6 +597,7 @@ class PreSAM(Optimizer):
                 "step(closure, first_pass='done'), or call restore()"
             )
         run_first = first_pass == "closure" or (first_pass == "auto" and not self._backward_since_last_step())
+        self._tracks_gradients = True
         scaler = amp.active(grad_scaler)
         if scaler is not None and run_first:
             amp.check_closure_first_pass(self, scaler)
@@ -613,13 +619,16 @@ class PreSAM(Optimizer):
     def _mark_gradients_seen(self):
         """Tag each gradient with its version counter: a backward that writes it
         later (in place or as a new tensor) makes it a first pass for step()."""
-        if torch.compiler.is_compiling():
+        if not self._tracks_gradients or torch.compiler.is_compiling():
             return
         for p in self._params():
-            if p.grad is not None:
-                setattr(p.grad, _SEEN_VERSION, p.grad._version)
+            grad = p.grad
+            if grad is not None:
+                setattr(grad, _SEEN_VERSION, grad._version)
 
     def _backward_since_last_step(self) -> bool:
+        """Untagged gradients count: before the first step(closure) nothing is
+        tagged, so gradients present then are taken as a first pass."""
         return any(
             p.grad is not None and getattr(p.grad, _SEEN_VERSION, None) != p.grad._version for p in self._params()
         )
