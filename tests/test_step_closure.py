@@ -163,6 +163,22 @@ def test_first_pass_done_finishes_a_step_begun_with_first_step():
         opt.step(lambda: None, first_pass="given")
 
 
+def test_first_pass_present_takes_the_gradients_present_even_after_a_step():
+    model, twin = make_model(), make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    opt_twin = SAM(twin.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    with pytest.raises(RuntimeError, match="no gradients"):
+        opt.step(lambda: None, first_pass="present")
+    for k in range(2):
+        opt.zero_grad()
+        loss_of(model, batch(k)).backward()
+        calls = []
+        opt.step(lambda b=batch(k): calls.append(loss_of(model, b).backward()), first_pass="present")
+        assert len(calls) == 1
+        two_step(twin, opt_twin, [batch(k)])
+    assert_same_params(model, twin, **EXACT)
+
+
 @MODES
 def test_closure_that_raises_in_second_pass_leaves_x_and_the_next_step_runs(flatten):
     model, twin = make_model(), make_model()

@@ -78,7 +78,7 @@ class SharpnessAwareModule(pl.LightningModule):
 
         # Through Lightning's wrapper (counting, precision, hooks and clipping
         # after the closure); the gradients just written are the first pass.
-        optimizer.step(closure=second_pass)
+        optimizer.step(closure=second_pass, first_pass="present")
         optimizer_closure._result = first_result  # report the loss at x, as the README's loop does
         _mirror(optimizer, real)
         return None

@@ -25,7 +25,7 @@ GRAD_EMA_READY = "grad_ema_ready"
 # Keys a checkpoint of the common SAM wrapper holds per parameter: transient.
 _COMMON_WRAPPER_KEYS = frozenset({"old_p", "e_w"})
 PERTURB_MODES = ("auto", "in_place", "out_of_place")
-FIRST_PASS_MODES = ("auto", "closure", "done")
+FIRST_PASS_MODES = ("auto", "present", "closure", "done")
 # Attribute set on a gradient tensor by the optimizer: its version when the
 # optimizer last stepped or zeroed it (step(closure)'s first-pass rule).
 _SEEN_VERSION = "_presam_seen_version"
@@ -560,7 +560,9 @@ class PreSAM(Optimizer):
         (torch's closure idiom). Gradients left by the last step or kept zeroed by
         ``zero_grad`` are never taken; they are tracked by version from the first
         ``step(closure)`` on, so before it any gradient present counts.
-        ``"closure"``: the closure runs first and its gradients add to those
+        Lightning's own closure with such gradients raises (accumulation, which
+        it cannot replay). ``"present"``: the gradients present are the first
+        pass. ``"closure"``: the closure runs first and its gradients add to those
         present (gradient accumulation, as Lightning does it). ``"done"``:
         ``first_step()`` already ran; the closure is the second pass
         (``closure=None``: the caller took it, as the Hugging Face Trainer does).
@@ -596,7 +598,16 @@ class PreSAM(Optimizer):
                 "first_step() already ran: finish the step with second_step() or "
                 "step(closure, first_pass='done'), or call restore()"
             )
+        if first_pass == "present" and not any(p.grad is not None for p in self._params()):
+            raise RuntimeError("step(closure, first_pass='present') found no gradients: take the first backward first")
         run_first = first_pass == "closure" or (first_pass == "auto" and not self._backward_since_last_step())
+        if first_pass == "auto" and not run_first and _is_lightning_closure(closure):
+            raise RuntimeError(
+                "Lightning called step(closure) with gradients already present: that is accumulate_grad_batches "
+                "> 1, whose earlier micro-batches a plain LightningModule cannot replay at x + e. Derive the module "
+                "from presam_kernels.integrations.lightning.SharpnessAwareModule; in manual optimization, when "
+                "these gradients are this step's first backward, call opt.step(closure, first_pass='present')"
+            )
         self._tracks_gradients = True
         scaler = amp.active(grad_scaler)
         if scaler is not None and run_first:
@@ -799,6 +810,16 @@ def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:
 
 def _no_second_pass():
     return None
+
+
+def _is_lightning_closure(closure) -> bool:
+    """Whether ``closure`` is Lightning's precision-plugin wrapper
+    (``functools.partial(Precision._wrap_closure, ...)``), known without
+    importing Lightning."""
+    func = getattr(closure, "__wrapped__", closure)
+    func = getattr(func, "func", None)
+    module = getattr(func, "__module__", None) or ""
+    return getattr(func, "__name__", "") == "_wrap_closure" and module.startswith(("lightning", "pytorch_lightning"))
 
 
 def _same_params(params, optimizer) -> bool:

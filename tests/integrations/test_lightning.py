@@ -178,3 +178,16 @@ def test_plain_lightning_module_step_closure_runs_both_passes(tmp_path):
     ref, _ = reference("sam")
     for (name, p), q in zip(module.net.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_plain_lightning_module_with_accumulation_refuses_before_touching(tmp_path):
+    """accumulate_grad_batches=2 with a plain LightningModule: the gradients of
+    micro-batch 1 are present when Lightning calls step(closure); they were taken
+    as the first pass and the update used micro-batch 2 alone. Now a clear error,
+    the parameters unchanged."""
+    module = PlainNet()
+    before = copy.deepcopy(module.net.state_dict())
+    with pytest.raises(RuntimeError, match="SharpnessAwareModule"):
+        trainer(tmp_path, accumulate_grad_batches=2).fit(module, loader())
+    for name, p in module.net.named_parameters():
+        torch.testing.assert_close(p, before[name], atol=0, rtol=0)
