@@ -39,6 +39,19 @@ def unscale_first_pass(optimizer, scaler, tables, backend):
     return found.reshape(())
 
 
+def check_closure_first_pass(optimizer, scaler):
+    """step(closure) is about to run the closure for the first pass: the
+    scaler must not have unscaled (or stepped) this optimizer already, or the
+    first pass would stay scaled."""
+    stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
+    if stage is not OptState.READY:
+        raise RuntimeError(
+            f"step(closure, grad_scaler) runs the closure for the first pass, but the scaler's stage for "
+            f"this optimizer is {stage.name}: call scaler.unscale_(opt) only after the backward it unscales "
+            f"(or take the first backward before step, which then uses it), and scaler.update() after each step"
+        )
+
+
 def unscale_second_pass(optimizer, scaler, tables):
     """Unscale the second backward's gradients unless the user did; its overflow flag."""
     state = scaler._per_optimizer_states[id(optimizer)]

@@ -35,6 +35,10 @@ _MIDSTEP = (
     "point x + e now; call opt.second_step() (after the second backward) or opt.restore() "
     "(puts them back at x and drops the pending step) first"
 )
+FIRST_PASS_MODES = ("auto", "present", "closure", "done")
+# Attribute set on a gradient tensor by the optimizer: its version when the
+# optimizer last stepped or zeroed it (step(closure)'s first-pass rule).
+_SEEN_VERSION = "_presam_seen_version"
 
 _STEP_WITHOUT_CLOSURE = (
     "{cls}.step() needs a closure that runs the forward and backward pass, because "
@@ -63,9 +67,13 @@ def _split_names(params):
         group = dict(group)
         members = group["params"]
         members = [members] if isinstance(members, torch.Tensor) else list(members)
+        # torch >= 2.5 optimizers built on named parameters keep the names in
+        # their groups: ASAM(base.param_groups, base) then knows them.
+        given = group.get("param_names")
+        given = list(given) if given is not None and len(given) == len(members) else [None] * len(members)
         plain, seen = [], set()
-        for m in members:
-            name, tensor = m if isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str) else (None, m)
+        for m, given_name in zip(members, given):
+            name, tensor = m if isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str) else (given_name, m)
             if id(tensor) in seen:
                 continue  # listed twice (a tied weight): one row, one backup
             seen.add(id(tensor))
@@ -216,7 +224,7 @@ class PreSAM(Optimizer):
                     f"base_optimizer is an instance, so these arguments have nowhere to go: "
                     f"{sorted(base_kwargs)}; pass them to the base optimizer yourself or pass its class"
                 )
-            if len(groups) != 1 or groups[0]["params"] and not _same_params(groups[0]["params"], base_optimizer):
+            if not _same_params([p for g in groups for p in g["params"]], base_optimizer):
                 raise ValueError(
                     "base_optimizer is an instance: params must be exactly its parameters "
                     "(pass base_optimizer.param_groups' parameters, or pass the class instead)"
@@ -240,9 +248,12 @@ class PreSAM(Optimizer):
         # Schedulers read hyperparameters from defaults (OneCycleLR: momentum or betas).
         self.defaults = {**self.base_optimizer.defaults, **self.defaults}
 
+        # Names by identity, from the tensors they were passed with (a base
+        # optimizer's groups may list the parameters in another order).
         self._names = {}
-        for p, n in zip((p for g in self.param_groups for p in g["params"]), names if len(names) else []):
-            self._names[p] = n
+        for p, n in zip((p for g in groups for p in g["params"]), names):
+            if n is not None:
+                self._names[p] = n
         self._is_weight_fn = is_weight
         self._buckets = None
         self._layout = None
@@ -665,33 +676,110 @@ class PreSAM(Optimizer):
     @Optimizer.profile_hook_step
     def _hooked_second_step(self, zero_grad=False, grad_scaler=None):
         self._opt_called = True  # what LR schedulers check to see that the optimizer stepped
-        return self._second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
+        self._second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
+        self._mark_gradients_seen()
 
-    def step(self, closure=None):
+    # GradScaler.step(opt, closure) hands the scaler to step() as grad_scaler
+    # instead of unscaling only the first pass and stepping on the scaled
+    # second one (torch/amp/grad_scaler.py, "_step_supports_amp_scaling").
+    _step_supports_amp_scaling = True
+    # Whether zero_grad and the steps tag gradients for step(closure)'s rule:
+    # from the first step(closure) on, so that the two-step API pays nothing.
+    _tracks_gradients = False
+
+    def step(self, closure=None, grad_scaler=None, *, first_pass: str = "auto"):
         """One full SAM step driven by ``closure`` (forward + backward, returns the loss).
 
-        When gradients are present the first backward is taken as done (as the
-        common SAM wrapper assumes); otherwise the closure runs first (as
-        Lightning and accelerate expect). Returns the loss at x when the
-        closure computed it, else the loss at x + e.
+        ``first_pass`` says where the first backward's gradients come from.
+        ``"auto"``: the gradients present, when a backward wrote them since this
+        optimizer's last step or ``zero_grad`` (the common SAM wrapper's
+        ``loss.backward(); opt.step(closure)``); otherwise the closure runs first
+        (torch's closure idiom). Gradients left by the last step or kept zeroed by
+        ``zero_grad`` are never taken; they are tracked by version from the first
+        ``step(closure)`` on, so before it any gradient present counts.
+        Lightning's own closure with such gradients raises (accumulation, which
+        it cannot replay). ``"present"``: the gradients present are the first
+        pass. ``"closure"``: the closure runs first and its gradients add to those
+        present (gradient accumulation, as Lightning does it). ``"done"``:
+        ``first_step()`` already ran; the closure is the second pass
+        (``closure=None``: the caller took it, as the Hugging Face Trainer does).
+        ``grad_scaler``: the README's ``grad_scaler=`` flow (``scaler.step(opt,
+        closure)`` passes it). A closure that raises leaves the parameters at x
+        and nothing pending. Returns the loss at x when the closure computed it,
+        else the loss at x + e.
         """
+        if closure is None and first_pass == "done" and self._pending is not None:
+            closure = _no_second_pass  # the caller took the second backward already
         if closure is None:
             if _called_from_checkpoint_state_init():
                 self._init_state_for_checkpoint()
                 return None
             raise RuntimeError(_STEP_WITHOUT_CLOSURE.format(cls=type(self).__name__))
+        if grad_scaler is None and ("found_inf" in self.__dict__ or "grad_scale" in self.__dict__):
+            # GradScaler.step set these instead of handing itself over (it does so
+            # when step is wrapped, as accelerate's AcceleratedOptimizer wraps it):
+            # the second pass's overflow could not reach scaler.update().
+            self.__dict__.pop("found_inf", None)
+            self.__dict__.pop("grad_scale", None)
+            raise RuntimeError(
+                "GradScaler.step called this optimizer without passing itself as grad_scaler (its step "
+                "is wrapped, e.g. by accelerate's AcceleratedOptimizer); use the two-step API with "
+                "grad_scaler=scaler on both steps (presam_kernels.integrations.accelerate does this)"
+            )
+        if first_pass not in FIRST_PASS_MODES:
+            raise ValueError(f"first_pass must be one of {FIRST_PASS_MODES}, got {first_pass!r}")
+        if first_pass == "done" and self._pending is None:
+            raise RuntimeError("step(closure, first_pass='done') needs a first_step() before it")
+        if first_pass != "done" and self._pending is not None:
+            raise RuntimeError(
+                "first_step() already ran: finish the step with second_step() or "
+                "step(closure, first_pass='done'), or call restore()"
+            )
+        if first_pass == "present" and not any(p.grad is not None for p in self._params()):
+            raise RuntimeError("step(closure, first_pass='present') found no gradients: take the first backward first")
+        run_first = first_pass == "closure" or (first_pass == "auto" and not self._backward_since_last_step())
+        if first_pass == "auto" and not run_first and _is_lightning_closure(closure):
+            raise RuntimeError(
+                "Lightning called step(closure) with gradients already present: that is accumulate_grad_batches "
+                "> 1, whose earlier micro-batches a plain LightningModule cannot replay at x + e. Derive the module "
+                "from presam_kernels.integrations.lightning.SharpnessAwareModule; in manual optimization, when "
+                "these gradients are this step's first backward, call opt.step(closure, first_pass='present')"
+            )
+        self._tracks_gradients = True
+        scaler = amp.active(grad_scaler)
+        if scaler is not None and run_first:
+            amp.check_closure_first_pass(self, scaler)
         closure = torch.enable_grad()(closure)
         loss = None
-        if not any(p.grad is not None for p in self._params()):
-            loss = closure()
-        self.first_step(zero_grad=True)
         try:
+            if first_pass != "done":
+                if run_first:
+                    loss = closure()
+                self.first_step(zero_grad=True, grad_scaler=grad_scaler)
             second_loss = closure()
         except BaseException:
-            self.restore()  # x back, so that the next step starts afresh
+            self.restore()  # x back, nothing pending: the next step starts clean
             raise
-        self._second_step()
+        self._second_step(grad_scaler=grad_scaler)
+        self._mark_gradients_seen()
         return second_loss if loss is None else loss
+
+    def _mark_gradients_seen(self):
+        """Tag each gradient with its version counter: a backward that writes it
+        later (in place or as a new tensor) makes it a first pass for step()."""
+        if not self._tracks_gradients or torch.compiler.is_compiling():
+            return
+        for p in self._params():
+            grad = p.grad
+            if grad is not None:
+                setattr(grad, _SEEN_VERSION, grad._version)
+
+    def _backward_since_last_step(self) -> bool:
+        """Untagged gradients count: before the first step(closure) nothing is
+        tagged, so gradients present then are taken as a first pass."""
+        return any(
+            p.grad is not None and getattr(p.grad, _SEEN_VERSION, None) != p.grad._version for p in self._params()
+        )
 
     @torch.no_grad()
     def _init_state_for_checkpoint(self):
@@ -713,6 +801,7 @@ class PreSAM(Optimizer):
                 self._backend.restore(self._pending)
             self._pending = self._pending_perturbed = self._pending_storage = None
             self._first_found_inf = None
+        self._mark_gradients_seen()
 
     def zero_grad(self, set_to_none: bool | None = None):
         """As torch's, except that with ``flatten=True`` the default keeps the
@@ -726,6 +815,7 @@ class PreSAM(Optimizer):
                 b.zero_flat_grad()
         else:
             self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        self._mark_gradients_seen()  # kept zeros are not a first pass
 
     def _traced_zero_grad(self, set_to_none: bool):
         """zero_grad as torch.compile can trace it (torch's own is skipped by
@@ -920,6 +1010,20 @@ def _perturbed_members(bucket, table):
         if perturbed:
             out += [i for i, offset in enumerate(bucket.offsets) if start <= offset < start + length]
     return out
+
+
+def _no_second_pass():
+    return None
+
+
+def _is_lightning_closure(closure) -> bool:
+    """Whether ``closure`` is Lightning's precision-plugin wrapper
+    (``functools.partial(Precision._wrap_closure, ...)``), known without
+    importing Lightning."""
+    func = getattr(closure, "__wrapped__", closure)
+    func = getattr(func, "func", None)
+    module = getattr(func, "__module__", None) or ""
+    return getattr(func, "__name__", "") == "_wrap_closure" and module.startswith(("lightning", "pytorch_lightning"))
 
 
 def _same_params(params, optimizer) -> bool:
