@@ -191,13 +191,13 @@ void chunk_perturb(const Row& r, int64_t begin, int64_t end, const Spec& s, floa
     Vec cu = precondition<D, C>(gv, xv, mv, is_weight, s, c, m_new);
     if constexpr (D != kGradient) Io<float>::store(m + i, m_new, n);
     if (!perturbed) continue;
-    // e = (rho * scale) * c * (c u), as eager forms it.
-    Vec e = C == kNone ? cu * f : c * (cu * f);
+    // x + e = x + c * ((rho * scale) * (c u)), one fused multiply-add as eager's addcmul.
+    Vec adv = C == kNone ? at::vec::fmadd(cu, f, xv) : at::vec::fmadd(c, cu * f, xv);
     if (out_of_place) {
-      Io<T>::store(saved + i, xv + e, n);
+      Io<T>::store(saved + i, adv, n);
     } else {
       copy_raw(saved + i, x + i, n);
-      Io<T>::store(x + i, xv + e, n);
+      Io<T>::store(x + i, adv, n);
     }
   }
 }
@@ -210,6 +210,11 @@ void chunk_copy(T* dst, const T* src, int64_t begin, int64_t end) {
 
 // -- K4: the base optimizer's update of the saved x (k4_restore_step.py) ------------
 // h: the group's hyperparameters, base_update.SGD_COLUMNS / ADAM_COLUMNS.
+// Each operation rounds as torch.optim's CPU path does (measured on torch
+// 2.13's AVX2 kernels): add(alpha=), addcmul and lerp are one fused
+// multiply-add, addcdiv and the rest are not; T intermediates are rounded
+// where torch materialises them. SAM with rho = 0 then steps exactly as the
+// base optimizer alone (tests/test_api.py).
 template <typename T, int64_t K>
 void chunk_restore_step(const Row& r, int64_t begin, int64_t end, const float* h, bool from_saved) {
   using IoT = Io<T>;
@@ -226,31 +231,33 @@ void chunk_restore_step(const Row& r, int64_t begin, int64_t end, const float* h
       Vec xv = IoT::load(src + i, n);
       Vec gv = IoT::load(g + i, n);
       Vec d = maximize ? gv.neg() : gv;
-      if (weight_decay != 0.f) d = IoT::round(d + Vec(weight_decay) * xv);
+      if (weight_decay != 0.f) d = IoT::round(at::vec::fmadd(xv, Vec(weight_decay), d));
       Vec step = d;
       if (momentum != 0.f) {
-        Vec buf = first ? d : IoT::round(IoT::round(IoT::load(s1 + i, n) * Vec(momentum)) + Vec(one_minus_dampening) * d);
+        Vec buf = first ? d
+                        : IoT::round(at::vec::fmadd(d, Vec(one_minus_dampening),
+                                                    IoT::round(IoT::load(s1 + i, n) * Vec(momentum))));
         IoT::store(s1 + i, buf, n);
-        step = nesterov ? IoT::round(d + Vec(momentum) * buf) : buf;
+        step = nesterov ? IoT::round(at::vec::fmadd(buf, Vec(momentum), d)) : buf;
       }
-      IoT::store(x + i, xv + Vec(-lr) * step, n);
+      IoT::store(x + i, at::vec::fmadd(step, Vec(-lr), xv), n);
     }
   } else {
     const float neg_step_size = h[0], bc2_sqrt = h[1], eps = h[2], decay = h[3], weight_decay = h[4];
     const float w1 = h[5], beta2 = h[6], one_minus_beta2 = h[7];
     const bool maximize = h[8] != 0.f;
-    const float one_minus_w1 = 1.f - w1;
+    const float w1_minus_one = w1 - 1.f;
     for (int64_t i = begin; i < end; i += kLanes) {
       const int64_t n = std::min(kLanes, end - i);
       Vec xv = IoT::round(IoT::load(src + i, n) * Vec(decay));  // decoupled weight decay (else decay = 1: exact)
       Vec gv = IoT::load(g + i, n);
       Vec d = maximize ? gv.neg() : gv;
-      if (weight_decay != 0.f) d = IoT::round(d + Vec(weight_decay) * xv);
+      if (weight_decay != 0.f) d = IoT::round(at::vec::fmadd(xv, Vec(weight_decay), d));
       Vec mv = IoT::load(s1 + i, n);
       Vec vv = IoT::load(s2 + i, n);
-      // torch's lerp: start + w (end - start) for |w| < 0.5, else end - (end - start)(1 - w)
-      mv = IoT::round(w1 < 0.5f ? mv + Vec(w1) * (d - mv) : d - (d - mv) * Vec(one_minus_w1));
-      vv = IoT::round(IoT::round(vv * Vec(beta2)) + (Vec(one_minus_beta2) * d) * d);
+      // torch's lerp: start + w (end - start) for |w| < 0.5, else end + (w - 1)(end - start)
+      mv = IoT::round(w1 < 0.5f ? at::vec::fmadd(Vec(w1), d - mv, mv) : at::vec::fmadd(Vec(w1_minus_one), d - mv, d));
+      vv = IoT::round(at::vec::fmadd(Vec(one_minus_beta2) * d, d, IoT::round(vv * Vec(beta2))));
       IoT::store(s1 + i, mv, n);
       IoT::store(s2 + i, vv, n);
       Vec denom = IoT::round(IoT::round(IoT::round(vv.sqrt()) / Vec(bc2_sqrt)) + Vec(eps));
