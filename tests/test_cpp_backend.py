@@ -294,3 +294,20 @@ def test_setup_installs_without_the_extension_when_the_compiler_fails(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "the C++ extension did not build" in run.stderr
     assert not list((tmp_path / "presam_kernels").glob("_C*.so"))
+
+
+def test_float64_parameters_take_the_eager_path_with_the_same_result():
+    """The kernels take fp32, bf16 and fp16: a float64 bucket on "cpp" runs eager's arithmetic."""
+    results = []
+    for backend in ("cpp", "eager"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64))]
+        opt = InfoSAM(params, torch.optim.SGD, rho=0.1, backend=backend, lr=0.1, momentum=0.9)
+        for _ in range(2):
+            params[0].grad = torch.randn_like(params[0])
+            opt.first_step()
+            params[0].grad = torch.randn_like(params[0])
+            opt.second_step()
+        assert opt.backend == backend
+        results.append(params[0].detach().clone())
+    assert torch.equal(results[0], results[1])

@@ -5,8 +5,9 @@ sum of (c u)^2, then the perturbation with the EMA and the backup), one for
 update of the saved x), each vectorised and split over threads.
 
 The ops walk every row as linear memory laid out as its slices of the
-bucket's flat buffers; where a row is not (a parameter re-strided since the
-buckets were built, a tensor subclass), the whole call takes the eager path,
+bucket's flat buffers, in fp32, bf16 or fp16; where a row is not (a
+parameter re-strided since the buckets were built, a tensor subclass,
+float64), the whole call takes the eager path,
 as the Triton backend does. Scalars (the norm, the skip flag) are read on the
 host: the CPU runs ops synchronously, so that stalls nothing.
 """
@@ -26,6 +27,7 @@ CONSTRAINT_CODE = {Constraint.NONE: 0, Constraint.ADAPTIVE: 1, Constraint.ASAM: 
 KIND_CODE = {"sgd": 0, "adam": 1}
 FLAG_WEIGHT, FLAG_PERTURBED = 1, 2
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # others (float64) take the eager path
 
 
 def _ops():
@@ -42,7 +44,7 @@ def unscale_(tables, inv_scale, found_inf):
 def _walkable(table, bucket) -> bool:
     """Whether the ops can walk every row of ``table``: a plain CPU tensor whose
     parameter and gradient have the strides of its slices of the flat buffers."""
-    if bucket.device.type != "cpu" or bucket.mesh is not None:
+    if bucket.device.type != "cpu" or bucket.mesh is not None or bucket.dtype not in KERNEL_DTYPES:
         return False
     if table.merged:
         return True  # 1-D slices of the flat buffers themselves
