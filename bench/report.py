@@ -217,10 +217,13 @@ rounds; "time / loop" below 1 means faster than the per-parameter loop.
 TITLES = {"cpu": "## CPU", "cuda": "## GPU"}
 
 
-def write(path, device, body):
-    begin, end = f"<!-- BEGIN {device} -->", f"<!-- END {device} -->"
+def write(path, device, body, section=""):
+    """Replace (or append) the device's block; ``section`` names a block of its own beside it."""
+    key = f"{device}-{section}" if section else device
+    title = f"{TITLES[device]} ({section})" if section else TITLES[device]
+    begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
     text = open(path).read() if os.path.exists(path) else HEADER
-    block = f"{begin}\n{TITLES[device]}\n\n{body}{end}"
+    block = f"{begin}\n{title}\n\n{body}{end}"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
@@ -237,6 +240,8 @@ def main(argv=None):
     ap.add_argument("--print", action="store_true", help="print the sections")
     ap.add_argument("--no-write", action="store_true", help="do not touch the markdown file")
     ap.add_argument("--allow-smoke", action="store_true", help="write even a smoke run's numbers")
+    ap.add_argument("--section", default="", help="write a block of its own titled e.g. 'CPU (SECTION)', "
+                    "keeping the device's main block (a partial run beside a full one)")
     args = ap.parse_args(argv)
     rows, info = load(args.json)
     wrote = False
@@ -253,7 +258,7 @@ def main(argv=None):
             print(f"report.py: {device} rows come from a smoke run; not writing {args.out} "
                   "(pass --allow-smoke to force)", file=sys.stderr)
             continue
-        write(args.out, device, body)
+        write(args.out, device, body, args.section)
         wrote = True
     if not rows:
         print("report.py: no presam benchmarks in the JSON", file=sys.stderr)
