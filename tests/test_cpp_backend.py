@@ -236,7 +236,9 @@ def test_restrided_parameter_takes_the_eager_path_with_the_same_result():
             for p in params:
                 p.grad = torch.randn_like(p)
             opt.first_step()
-            results.append([p.detach().clone() for p in params])
+            # x + e, and the EMA as the state shows it (elementwise: a walk in the wrong
+            # order would keep x consistent but scramble grad_ema against its parameter)
+            results.append([p.detach().clone() for p in params] + [opt.state[p]["grad_ema"].clone() for p in params])
             opt.second_step()
     cpp, eager = results[:2], results[2:]
     for a, b in zip(cpp, eager):
