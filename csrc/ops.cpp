@@ -282,6 +282,27 @@ void restore_step_(TensorList params, TensorList grads, const Tensor& saved, con
   });
 }
 
+// Whether the ops can walk every row: a parameter of a kernel dtype on the
+// CPU, dense, with its gradient and its view of the bucket's flat buffer
+// (the layout its EMA and saved copy have) shaped and strided alike. The
+// per-step layout check of the Python side, at ~20 ns a row instead of ~3 us.
+bool rows_are_linear(TensorList params, TensorList grads, TensorList views) {
+  if (params.size() != grads.size() || params.size() != views.size()) return false;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor &p = params[i], &g = grads[i], &v = views[i];
+    const auto dtype = p.scalar_type();
+    if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+    if (!p.device().is_cpu() || !g.device().is_cpu() || g.scalar_type() != dtype || v.scalar_type() != dtype) {
+      return false;
+    }
+    if (p.sizes() != v.sizes() || p.strides() != v.strides() || g.sizes() != p.sizes() || g.strides() != p.strides()) {
+      return false;
+    }
+    if (!p.is_non_overlapping_and_dense()) return false;
+  }
+  return true;
+}
+
 }  // namespace
 }  // namespace presam
 
@@ -300,6 +321,7 @@ TORCH_LIBRARY(presam_cpp, m) {
       "int[] offsets, int[] groups, int[] flags, float[] rhos, float scale, bool skipped, int direction, "
       "int constraint, float ema_weight, float alpha, float delta, float eta) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor backup, int[] offsets) -> ()");
+  m.def("rows_are_linear(Tensor[] params, Tensor[] grads, Tensor[] views) -> bool");
   m.def(
       "restore_step_(Tensor(a!)[] params, Tensor[] grads, Tensor saved, Tensor(b!)? state1, Tensor(c!)? state2, "
       "int[] offsets, int[] groups, int[] flags, float[] hyper, int width, int kind, bool from_saved) -> ()");
@@ -310,6 +332,7 @@ TORCH_LIBRARY_IMPL(presam_cpp, CPU, m) {
   m.impl("perturb_", &presam::perturb_);
   m.impl("perturb_out_of_place_", &presam::perturb_out_of_place_);
   m.impl("restore_", &presam::restore_);
+  m.impl("rows_are_linear", &presam::rows_are_linear);
   m.impl("restore_step_", &presam::restore_step_);
 }
 

@@ -203,6 +203,32 @@ def test_opcheck_restore_step(kind):
     torch.library.opcheck(ops().restore_step_, args)
 
 
+def _layout_cases():
+    x = torch.randn(6, 4)
+    t = x.t().contiguous().t()  # column-major
+    return {
+        "same_layout": ([x], [torch.randn(6, 4)], [torch.empty(6, 4)], True),
+        "param_restrided": ([t], [torch.empty_like(t)], [torch.empty(6, 4)], False),
+        "grad_restrided": ([x], [torch.empty_like(t)], [torch.empty(6, 4)], False),
+        "view_other_shape": ([x], [torch.randn(6, 4)], [torch.empty(24)], False),
+        "float64": ([x.double()], [x.double()], [x.double()], False),
+        "not_dense": ([x[:, :2]], [x[:, :2]], [x[:, :2]], False),
+        "lengths_differ": ([x], [], [], False),
+    }
+
+
+@pytest.mark.parametrize("case", list(_layout_cases()))
+def test_rows_are_linear_says_which_rows_the_ops_can_walk(case):
+    """The C++ layout check against the expected answer and its fake (Python) kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    params, grads, views, expected = _layout_cases()[case]
+    assert ops().rows_are_linear(params, grads, views) is expected
+    with FakeTensorMode() as mode:
+        fakes = [[mode.from_tensor(t) for t in ts] for ts in (params, grads, views)]
+        assert bool(ops().rows_are_linear(*fakes)) is expected
+
+
 def test_op_with_a_bad_row_raises_before_writing_anything():
     params, grads, offsets = _rows()
     before = [p.clone() for p in params]

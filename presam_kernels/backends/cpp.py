@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from ..buckets import _non_overlapping_and_dense
 from ..preconditioners import Constraint, Objective, Preconditioner
 from . import eager
 
@@ -43,19 +44,16 @@ def unscale_(tables, inv_scale, found_inf):
 
 def _walkable(table, bucket) -> bool:
     """Whether the ops can walk every row of ``table``: a plain CPU tensor whose
-    parameter and gradient have the strides of its slices of the flat buffers."""
+    parameter and gradient have the strides of its slices of the flat buffers
+    (checked in C++: ``presam_cpp::rows_are_linear``)."""
     if bucket.device.type != "cpu" or bucket.mesh is not None or bucket.dtype not in KERNEL_DTYPES:
         return False
     if table.merged:
         return True  # 1-D slices of the flat buffers themselves
-    strides, shapes = bucket.strides, bucket.shapes
-    for p, g, k in zip(table.params, table.grads, table.members):
-        if type(p) not in _PLAIN or type(g) not in _PLAIN:
-            return False
-        stride = strides[k]
-        if p.stride() != stride or g.stride() != stride or p.shape != shapes[k] or g.shape != p.shape:
-            return False
-    return True
+    if not all(type(p) in _PLAIN for p in table.params) or not all(type(g) in _PLAIN for g in table.grads):
+        return False
+    views = table.adversarials if table.out_of_place else table.backups
+    return _ops().rows_are_linear(table.params, table.grads, views)
 
 
 def _flags(table):
@@ -152,6 +150,16 @@ def _register_fake_kernels():
     @torch.library.register_fake("presam_cpp::sum_of_squares")
     def _sum_of_squares(params, grads, grad_ema, offsets, flags, direction, constraint, ema_weight, alpha, delta, eta):
         return params[0].new_empty((), dtype=torch.float64)
+
+    @torch.library.register_fake("presam_cpp::rows_are_linear")
+    def _rows_are_linear(params, grads, views):
+        return len(params) == len(grads) == len(views) and all(
+            p.dtype in KERNEL_DTYPES and g.dtype == p.dtype and v.dtype == p.dtype
+            and p.device.type == "cpu" and g.device.type == "cpu"
+            and p.shape == v.shape and p.stride() == v.stride() and g.shape == p.shape and g.stride() == p.stride()
+            and _non_overlapping_and_dense(p)
+            for p, g, v in zip(params, grads, views)
+        )
 
     def nothing(*args, **kwargs):
         return None
