@@ -15,8 +15,9 @@ alone).
 - ``loop_compiled``: ``torch.compile`` of the loop's perturbation (GPU only).
 - ``pytorch_optimizer``: ``pytorch_optimizer.SAM`` when that package is
   installed (SAM only; never installed by us).
-- ``ours_eager`` / ``ours_eager_flat`` / ``ours_triton`` / ``ours_triton_flat``:
-  presam_kernels, default mode and ``flatten=True``.
+- ``ours_eager`` / ``ours_eager_flat`` / ``ours_triton`` / ``ours_triton_flat`` /
+  ``ours_cpp`` / ``ours_cpp_flat``: presam_kernels, default mode and
+  ``flatten=True``, on each backend (cpp: the C++ extension's CPU kernels).
 All loop code below is written for this benchmark from the published
 algorithms, not copied from any implementation.
 """
@@ -45,6 +46,8 @@ PROVIDERS = (
     "ours_eager_flat",
     "ours_triton",
     "ours_triton_flat",
+    "ours_cpp",
+    "ours_cpp_flat",
     "base_only",
 )
 REFERENCE = "loop"  # speedups are against this provider
@@ -216,6 +219,11 @@ def unavailable(provider: str, variant: str, device: torch.device) -> str | None
             return "pytorch_optimizer: SAM only in this benchmark"
         if importlib.util.find_spec("pytorch_optimizer") is None:
             return "pytorch_optimizer is not installed"
+    if provider.startswith("ours_cpp"):
+        if device.type != "cpu":
+            return "cpp backend: CPU only"
+        if not presam_kernels.extension_available():
+            return "the C++ extension is not built"
     if provider.startswith("ours_triton"):
         if device.type != "cuda":
             return "triton backend: CUDA only"
@@ -239,7 +247,7 @@ def build(provider: str, variant: str, params, rho: float | None = None):
 
         return PyTorchOptimizerSAM(params, base_optimizer=torch.optim.SGD, rho=rho, lr=BASE_LR)
     if provider.startswith("ours_"):
-        backend = "triton" if provider.startswith("ours_triton") else "eager"
+        backend = provider.split("_")[1]  # ours_<backend>[_flat]
         flatten = provider.endswith("_flat")
         common = dict(lr=BASE_LR, flatten=flatten, backend=backend)
         if variant == "sam":

@@ -1,5 +1,6 @@
 """presam-kernels: sharpness-aware optimizers (SAM, ASAM, infoSAM, VaSSO,
 FisherSAM) on the preSAM framework, with fused multi-tensor backends."""
+from ._extension import extension_available
 from .batchnorm import disable_running_stats, enable_running_stats
 from .optim import ASAM, SAM, FisherSAM, InfoSAM, PreSAM, VaSSO
 
@@ -13,4 +14,5 @@ __all__ = [
     "PreSAM",
     "disable_running_stats",
     "enable_running_stats",
+    "extension_available",
 ]

@@ -12,12 +12,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-from presam_kernels import backends  # noqa: E402
+from presam_kernels import backends, extension_available  # noqa: E402
 
 
 def _available_backends():
-    """"eager" always; "triton" once its backend module exposes the verbs."""
-    names = ["eager"]
+    """"eager" always; "cpp" when the C++ extension is built; "triton" once its
+    backend module exposes the verbs."""
+    names = ["eager"] + (["cpp"] if extension_available() and DEVICE.type == "cpu" else [])
     try:
         from presam_kernels.backends import triton as triton_backend
     except ImportError:
@@ -27,10 +28,10 @@ def _available_backends():
     return names
 
 
-BACKENDS = _available_backends()
 # The interpreter dereferences host addresses, compiled kernels device ones:
 # tensors live on the GPU when there is one and the kernels are compiled.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu")
+BACKENDS = _available_backends()
 SEED = 1234
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+from .. import _extension
+from .._extension import extension_available
 from . import eager
 
-BACKENDS = ("auto", "eager", "triton")
+BACKENDS = ("auto", "eager", "triton", "cpp")
 
 
 def triton_available() -> bool:
@@ -18,7 +20,7 @@ def triton_available() -> bool:
 
 
 def resolve(choice: str, devices, sharded: bool = False) -> str:
-    """The backend name for ``choice`` ("auto", "eager", "triton") on ``devices``.
+    """The backend name for ``choice`` ("auto", "eager", "triton", "cpp") on ``devices``.
 
     ``PRESAM_BACKEND`` overrides "auto" only.  DTensor (sharded) parameters
     take the eager path whatever the choice: their norm needs a collective.
@@ -34,6 +36,19 @@ def resolve(choice: str, devices, sharded: bool = False) -> str:
     if choice == "auto":
         on_cuda = any(d.type == "cuda" for d in devices)
         choice = "triton" if on_cuda and triton_available() else "eager"
+        if not on_cuda and all(d.type == "cpu" for d in devices):
+            if extension_available():
+                choice = "cpp"
+            else:
+                _extension.warn_once_falling_back()
+    if choice == "cpp":
+        if not extension_available():
+            raise ValueError(f"backend='cpp' needs the C++ extension: {_extension.unavailable_reason()}; "
+                             "or use backend='auto' or 'eager'")
+        elsewhere = sorted({str(d) for d in devices if d.type != "cpu"})
+        if elsewhere:
+            raise ValueError(f"backend='cpp' runs on CPU tensors; these parameters are on {elsewhere}: "
+                             "use backend='auto' or 'triton'")
     if choice == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package (pip install triton); or use backend='eager'")
@@ -51,6 +66,10 @@ def resolve(choice: str, devices, sharded: bool = False) -> str:
 def get(name: str):
     if name == "eager":
         return eager
+    if name == "cpp":
+        from . import cpp
+
+        return cpp
     from . import triton as triton_backend
 
     return triton_backend

@@ -133,8 +133,8 @@ class PreSAM(Optimizer):
         flatten: re-point parameters and gradients into one flat buffer per
             (device, dtype); gradients then stay allocated (``zero_grad``
             zeroes them in one op).
-        backend: ``"auto"``, ``"eager"`` or ``"triton"``; ``PRESAM_BACKEND``
-            overrides ``"auto"``.
+        backend: ``"auto"``, ``"eager"``, ``"triton"`` or ``"cpp"`` (the C++
+            extension's CPU kernels); ``PRESAM_BACKEND`` overrides ``"auto"``.
         perturb: ``"in_place"`` (x += e, x saved in a backup and copied back),
             ``"out_of_place"`` (x + e written to a buffer of ours and each
             parameter's ``.data`` pointed at it for the second pass, then
@@ -373,7 +373,7 @@ class PreSAM(Optimizer):
 
     @property
     def backend(self) -> str:
-        """The backend in use ("eager" or "triton")."""
+        """The backend in use ("eager", "triton" or "cpp")."""
         self._ensure_buckets()
         return self._backend.name
 
