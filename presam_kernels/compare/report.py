@@ -11,6 +11,7 @@ import numpy as np
 from .train import TIMING_COLUMNS
 
 CSV_COLUMNS = (
+    "label_noise",
     "optimizer",
     "rho",
     "seed",
@@ -33,8 +34,14 @@ def write_csv(records, path) -> None:
             writer.writerow({k: record[k] for k in CSV_COLUMNS})
 
 
+def noise_levels(records) -> list[float]:
+    """The label-noise levels of ``records``, in run order."""
+    return list(dict.fromkeys(r["label_noise"] for r in records))
+
+
 def _by_optimizer(records):
-    """{optimizer: array (seeds, epochs) of records' fields}, in run order."""
+    """{optimizer: [per seed: its records, by epoch]}, in run order; for one
+    label-noise level (callers filter)."""
     grouped: dict[str, dict[int, list]] = {}
     for r in records:
         grouped.setdefault(r["optimizer"], {}).setdefault(r["seed"], []).append(r)
@@ -123,30 +130,89 @@ def format_table(rows: list[Summary]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
 
 
-def plot_accuracy(records, path, title: str) -> None:
-    """Test accuracy against epoch: per optimizer the seed mean, and a band
-    of one standard deviation over seeds when there are several."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, runs in _by_optimizer(records).items():
-        acc = 100 * _field(runs, "test_acc")
-        epochs = _field(runs, "epoch")[0]
-        mean = acc.mean(axis=0)
-        rho = runs[0][0]["rho"]
-        label = name if rho == "" else f"{name} (rho {rho})"
-        (line,) = ax.plot(epochs, mean, label=label, linewidth=1.6)
-        if len(runs) > 1:
-            std = acc.std(axis=0, ddof=1)
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    return plt
+
+
+def _band(ax, x, values, label):
+    """The mean over rows of ``values`` (seeds x points) as a line, and a
+    band of one sample standard deviation when there are several rows."""
+    mean = values.mean(axis=0)
+    (line,) = ax.plot(x, mean, label=label, linewidth=1.6, marker="o" if len(x) < 8 else None)
+    if len(values) > 1:
+        std = values.std(axis=0, ddof=1)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
+def _label(runs) -> str:
+    rho = runs[0][0]["rho"]
+    return runs[0][0]["optimizer"] if rho == "" else f"{runs[0][0]['optimizer']} (rho {rho})"
+
+
+def plot_accuracy(records, path, title: str) -> None:
+    """Test accuracy against epoch: per optimizer the seed mean, and a band
+    of one standard deviation over seeds when there are several; one panel
+    per label-noise level."""
+    plt = _pyplot()
+    levels = noise_levels(records)
+    fig, axes = plt.subplots(
+        1, len(levels), figsize=(7 if len(levels) == 1 else 4.2 * len(levels), 4.5), sharey=True, squeeze=False
+    )
+    for ax, level in zip(axes[0], levels):
+        for runs in _by_optimizer([r for r in records if r["label_noise"] == level]).values():
+            _band(ax, _field(runs, "epoch")[0], 100 * _field(runs, "test_acc"), _label(runs))
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{100 * level:g}% label noise")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def noise_sweep(records) -> dict[str, dict[str, np.ndarray]]:
+    """Per optimizer, over the label-noise levels it ran at: ``levels``,
+    ``final`` (seeds x levels: the last epoch's test accuracy) and ``best``
+    (seeds x levels: each seed's test accuracy at the epoch where the seed
+    mean peaked, the "best" of the table)."""
+    out: dict[str, dict[str, list]] = {}
+    for level in noise_levels(records):
+        for name, runs in _by_optimizer([r for r in records if r["label_noise"] == level]).items():
+            acc = _field(runs, "test_acc")
+            best = int(np.argmax(acc.mean(axis=0)))
+            entry = out.setdefault(name, {"levels": [], "final": [], "best": []})
+            entry["levels"].append(level)
+            entry["final"].append(acc[:, -1])
+            entry["best"].append(acc[:, best])
+    return {
+        name: {"levels": np.array(e["levels"]), "final": np.stack(e["final"], 1), "best": np.stack(e["best"], 1)}
+        for name, e in out.items()
+    }
+
+
+def plot_noise_sweep(records, path, title: str) -> None:
+    """Final and best test accuracy against the label-noise level, one line
+    per optimizer with a band of one standard deviation over seeds: the shape
+    of the preSAM paper's Figure 2."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    for name, sweep in noise_sweep(records).items():
+        for ax, key in zip(axes, ("final", "best")):
+            _band(ax, 100 * sweep["levels"], 100 * sweep[key], name)
+    for ax, what in zip(axes, ("final epoch", "best epoch of the seed mean")):
+        ax.set_xlabel("label noise (%)")
+        ax.set_title(f"test accuracy, {what}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -159,6 +159,7 @@ def run(dataset, optimizer_name: str, rho, seed: int, settings: Settings, on_epo
         epoch_seconds = clock() - epoch_start
         test_loss, test_acc = evaluate(model, test_images, test_labels, dataset)
         record = {
+            "label_noise": settings.label_noise,
             "optimizer": optimizer_name,
             "rho": "" if rho is None else rho,
             "seed": seed,
