@@ -14,6 +14,7 @@ import sys
 from dataclasses import replace
 
 from .data import DATASETS, DatasetError, load_dataset, subset
+from .diagnose import DIAGNOSE_BATCHES
 from .optimizers import DEFAULT_RHO, VARIANTS
 
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam", "infosam")
@@ -192,6 +193,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "noise: " + ", ".join(f"{k}={v}" for k, v in DEFAULT_RHO.items()),
     )
     parser.add_argument(
+        "--diagnose-every",
+        metavar="N",
+        type=int,
+        default=0,
+        help="every N epochs, measure how adversarial each sharpness-aware optimizer's perturbation "
+        f"from a minibatch is for the full training loss ({DIAGNOSE_BATCHES} minibatches, the same "
+        "for every optimizer): the loss increase over the full-batch SAM perturbation's of the same "
+        "length, and the cosine between the two. Written to results.csv (adv_ratio, adv_cosine) "
+        "and diagnostic.png; the training itself is unchanged. Default 0: off",
+    )
+    parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -249,6 +261,11 @@ def resolve(args, parser):
         if args.batch_size < 1:
             parser.error(f"argument --batch-size: must be at least 1, got {args.batch_size}")
         batch_size = args.batch_size
+    if not 0 <= args.diagnose_every <= epochs:
+        parser.error(
+            f"argument --diagnose-every: must lie in [0, {epochs}] (0: off; at most the number of "
+            f"epochs), got {args.diagnose_every}"
+        )
     if args.lr is not None:
         lr = _checked(parser, "--lr", lambda t: _positive_float(t, "lr"), args.lr)
 
@@ -275,7 +292,14 @@ def resolve(args, parser):
     if args.dataset != "digits" and args.data_dir is None:
         parser.error(f"argument --data-dir: --dataset {args.dataset} is read from --data-dir (never downloaded)")
 
-    settings = Settings(epochs=epochs, batch_size=batch_size, lr=lr, label_noise=levels[0], device=device)
+    settings = Settings(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        label_noise=levels[0],
+        device=device,
+        diagnose_every=args.diagnose_every,
+    )
     return settings, levels, optimizers, resolve_rho(rho_spec, optimizers), seeds
 
 
@@ -344,6 +368,10 @@ def run_command(args, parser) -> int:
     if len(levels) > 1:
         report.plot_noise_sweep(records, noise_path, f"{dataset.name}, {settings.epochs} epochs: mean{spread}")
         print(f"accuracy against label noise: {noise_path}")
+    if settings.diagnose_every:
+        diagnostic_path = os.path.join(args.out, "diagnostic.png")
+        report.plot_diagnostic(records, diagnostic_path, f"{dataset.name}: adversarial effectiveness, mean{spread}")
+        print(f"adversarial effectiveness: {diagnostic_path}")
     return 0
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .diagnose import COLUMNS as DIAGNOSTIC_COLUMNS
 from .train import TIMING_COLUMNS
 
 CSV_COLUMNS = (
@@ -21,7 +22,7 @@ CSV_COLUMNS = (
     "train_acc",
     "test_loss",
     "test_acc",
-) + TIMING_COLUMNS
+) + DIAGNOSTIC_COLUMNS + TIMING_COLUMNS
 
 
 def write_csv(records, path) -> None:
@@ -66,6 +67,14 @@ class Summary:
     final_train_loss: float  # on the noisy labels, seed mean
     seconds_per_epoch: float
     optimizer_share: float  # time in the optimizer / time of the whole step
+    # Means over seeds and diagnosed epochs (nan where none): see diagnose.py.
+    adv_ratio: float = math.nan
+    adv_cosine: float = math.nan
+
+
+def _diagnosed_mean(runs, key) -> float:
+    values = [float(r[key]) for run in runs for r in run if r.get(key, "") != ""]
+    return float(np.mean(values)) if values else math.nan
 
 
 def summarise(records) -> list[Summary]:
@@ -89,13 +98,17 @@ def summarise(records) -> list[Summary]:
                 optimizer_share=float(
                     _field(runs, "optimizer_seconds").sum() / _field(runs, "step_seconds").sum()
                 ),
+                adv_ratio=_diagnosed_mean(runs, "adv_ratio"),
+                adv_cosine=_diagnosed_mean(runs, "adv_cosine"),
             )
         )
     return rows
 
 
 def format_table(rows: list[Summary]) -> str:
-    """A fixed-width table (also valid Markdown) of the summaries."""
+    """A fixed-width table (also valid Markdown) of the summaries; the
+    diagnostic's columns only when some row has them."""
+    diagnosed = any(not math.isnan(r.adv_ratio) for r in rows)
     header = (
         "optimizer",
         "rho",
@@ -104,23 +117,24 @@ def format_table(rows: list[Summary]) -> str:
         "train loss (noisy)",
         "s/epoch",
         "optimizer share",
-    )
+    ) + (("adv ratio", "adv cosine") if diagnosed else ())
     lines = []
     for r in rows:
         acc = f"{100 * r.final_acc_mean:.2f}"
         if not math.isnan(r.final_acc_std):
             acc += f" ± {100 * r.final_acc_std:.2f}"
-        lines.append(
-            (
-                r.optimizer,
-                r.rho,
-                acc,
-                f"{100 * r.best_acc:.2f} @ {r.best_epoch}",
-                f"{r.final_train_loss:.3f}",
-                f"{r.seconds_per_epoch:.3f}",
-                f"{100 * r.optimizer_share:.1f}%",
-            )
+        line = (
+            r.optimizer,
+            r.rho,
+            acc,
+            f"{100 * r.best_acc:.2f} @ {r.best_epoch}",
+            f"{r.final_train_loss:.3f}",
+            f"{r.seconds_per_epoch:.3f}",
+            f"{100 * r.optimizer_share:.1f}%",
         )
+        if diagnosed:
+            line += tuple("-" if math.isnan(v) else f"{v:.3f}" for v in (r.adv_ratio, r.adv_cosine))
+        lines.append(line)
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 
     def fmt(cells):
@@ -212,6 +226,34 @@ def plot_noise_sweep(records, path, title: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_diagnostic(records, path, title: str) -> None:
+    """The adversarial-effectiveness ratio and cosine against epoch (rows),
+    one panel per label-noise level (columns), one line per optimizer with a
+    band of one standard deviation over seeds."""
+    plt = _pyplot()
+    levels = noise_levels(records)
+    fig, axes = plt.subplots(2, len(levels), figsize=(4.2 * len(levels) + 1.5, 7), sharex=True, squeeze=False)
+    for column, level in enumerate(levels):
+        for runs in _by_optimizer([r for r in records if r["label_noise"] == level]).values():
+            kept = [[r for r in run if r.get("adv_ratio", "") != ""] for run in runs]
+            if not kept[0]:
+                continue  # SGD takes no perturbation
+            for row, key in enumerate(DIAGNOSTIC_COLUMNS):
+                _band(axes[row][column], _field(kept, "epoch")[0], _field(kept, key), _label(runs))
+        axes[0][column].set_title(f"{100 * level:g}% label noise")
+        axes[0][column].axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        axes[1][column].set_xlabel("epoch")
+        for row in range(2):
+            axes[row][column].grid(alpha=0.3)
+    axes[0][0].set_ylabel("full-loss increase / full-batch SAM's")
+    axes[1][0].set_ylabel("cosine(e, full-batch gradient)")
+    axes[0][0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
