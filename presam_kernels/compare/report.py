@@ -217,9 +217,11 @@ def plot_noise_sweep(records, path, title: str) -> None:
     of the preSAM paper's Figure 2."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    rho = {r["optimizer"]: r["rho"] for r in records}
     for name, sweep in noise_sweep(records).items():
+        label = name if rho[name] == "" else f"{name} (rho {rho[name]})"
         for ax, key in zip(axes, ("final", "best")):
-            _band(ax, 100 * sweep["levels"], 100 * sweep[key], name)
+            _band(ax, 100 * sweep["levels"], 100 * sweep[key], label)
     for ax, what in zip(axes, ("final epoch", "best epoch of the seed mean")):
         ax.set_xlabel("label noise (%)")
         ax.set_title(f"test accuracy, {what}")
