@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import os
 import pickle
 import subprocess
@@ -124,7 +125,7 @@ def test_label_noise_list_runs_each_level_as_its_own_run(tmp_path, capsys):
 def test_diagnose_every_leaves_the_training_bit_identical(tmp_path, capsys):
     """The diagnostic runs on copies: every trajectory column of a run with
     --diagnose-every equals the run without, bit for bit (floats in full)."""
-    args = ("--epochs", "1", "--optimizers", "sgd,asam,infosam", "--seeds", "2")
+    args = ("--epochs", "1", "--optimizers", "sgd,infosam", "--seeds", "2")
     _quick(tmp_path / "plain", *args)
     _quick(tmp_path / "diagnosed", *args, "--diagnose-every", "1")
     plain = _read_csv(tmp_path / "plain" / "results.csv")
@@ -144,13 +145,18 @@ def test_diagnose_every_leaves_the_training_bit_identical(tmp_path, capsys):
 # --- the adversarial-effectiveness diagnostic -------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _digits():
+    return data.load_digits()
+
+
 def _trained(name, steps=3, n_train=200):
     """A digits model and optimizer ``name`` after a few steps (EMA warm),
     with the training images and noisy labels."""
     from presam_kernels.compare.models import build_model
     from presam_kernels.compare.optimizers import DEFAULT_RHO, VARIANTS, build_optimizer
 
-    dataset = data.subset(data.load_digits(), n_train, 10)
+    dataset = data.subset(_digits(), n_train, 10)
     labels, _ = data.inject_label_noise(dataset.train_labels, 0.4, 10, seed=0)
     model = build_model(dataset)
     optimizer = build_optimizer(name, model, 0.05, DEFAULT_RHO.get(name))
@@ -173,10 +179,9 @@ def _snapshot(model, optimizer):
     return tensors
 
 
-TWO_PASS = [name for name, v in cli.VARIANTS.items() if v.two_pass]
-
-
-@pytest.mark.parametrize("name", TWO_PASS)
+# Plain gradient, the ASAM constraint, and both EMA objectives (the EMA and
+# its ready flag are what a careless diagnostic would advance).
+@pytest.mark.parametrize("name", ["sam", "asam", "vasso", "infosam"])
 def test_diagnostic_leaves_model_and_optimizer_bit_identical(name):
     model, optimizer, dataset, labels = _trained(name)
     before = _snapshot(model, optimizer)
@@ -495,10 +500,10 @@ def test_noise_sweep_reports_final_and_best_epoch_per_seed():
         for e, acc in enumerate(accs, start=1)
     ]
     sweep = report.noise_sweep(records)["sam"]
-    assert sweep["levels"].tolist() == [0.0, 0.4]
-    assert sweep["final"].tolist() == [[0.7, 0.6], [0.9, 0.4]]  # seeds x levels
+    assert sweep["levels"] == [0.0, 0.4]
+    assert [a.tolist() for a in sweep["final"]] == [[0.7, 0.9], [0.6, 0.4]]  # per level, per seed
     # Seed-mean peaks: epoch 2 at 0% (0.85), epoch 3 at 40% (0.5).
-    assert sweep["best"].tolist() == [[0.9, 0.6], [0.8, 0.4]]
+    assert [a.tolist() for a in sweep["best"]] == [[0.9, 0.8], [0.6, 0.4]]
 
 
 def test_table_shows_the_diagnostic_only_when_measured():

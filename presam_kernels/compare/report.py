@@ -153,14 +153,20 @@ def _pyplot():
     return plt
 
 
-def _band(ax, x, values, label):
-    """The mean over rows of ``values`` (seeds x points) as a line, and a
-    band of one sample standard deviation when there are several rows."""
-    mean = values.mean(axis=0)
+def _band(ax, x, mean, std, label):
+    """``mean`` against ``x`` as a line, and a band of ``std`` around it
+    where it is a number (one seed: none)."""
     (line,) = ax.plot(x, mean, label=label, linewidth=1.6, marker="o" if len(x) < 8 else None)
-    if len(values) > 1:
-        std = values.std(axis=0, ddof=1)
+    if np.isfinite(std).any():
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
+def _mean_std(values) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``values`` (seeds x points): the mean, and the sample
+    standard deviation over seeds (nan with one seed)."""
+    values = np.asarray(values, dtype=float)
+    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.full(values.shape[1], np.nan)
+    return values.mean(axis=0), std
 
 
 def _label(runs) -> str:
@@ -179,7 +185,7 @@ def plot_accuracy(records, path, title: str) -> None:
     )
     for ax, level in zip(axes[0], levels):
         for runs in _by_optimizer([r for r in records if r["label_noise"] == level]).values():
-            _band(ax, _field(runs, "epoch")[0], 100 * _field(runs, "test_acc"), _label(runs))
+            _band(ax, _field(runs, "epoch")[0], *_mean_std(100 * _field(runs, "test_acc")), _label(runs))
         ax.set_xlabel("epoch")
         ax.set_title(f"{100 * level:g}% label noise")
         ax.grid(alpha=0.3)
@@ -191,11 +197,11 @@ def plot_accuracy(records, path, title: str) -> None:
     plt.close(fig)
 
 
-def noise_sweep(records) -> dict[str, dict[str, np.ndarray]]:
+def noise_sweep(records) -> dict[str, dict[str, list]]:
     """Per optimizer, over the label-noise levels it ran at: ``levels``,
-    ``final`` (seeds x levels: the last epoch's test accuracy) and ``best``
-    (seeds x levels: each seed's test accuracy at the epoch where the seed
-    mean peaked, the "best" of the table)."""
+    ``final`` (per level, an array over seeds of the last epoch's test
+    accuracy) and ``best`` (per level, each seed's test accuracy at the epoch
+    where the seed mean peaked: the "best" of the table)."""
     out: dict[str, dict[str, list]] = {}
     for level in noise_levels(records):
         for name, runs in _by_optimizer([r for r in records if r["label_noise"] == level]).items():
@@ -205,10 +211,7 @@ def noise_sweep(records) -> dict[str, dict[str, np.ndarray]]:
             entry["levels"].append(level)
             entry["final"].append(acc[:, -1])
             entry["best"].append(acc[:, best])
-    return {
-        name: {"levels": np.array(e["levels"]), "final": np.stack(e["final"], 1), "best": np.stack(e["best"], 1)}
-        for name, e in out.items()
-    }
+    return out
 
 
 def plot_noise_sweep(records, path, title: str) -> None:
@@ -221,7 +224,9 @@ def plot_noise_sweep(records, path, title: str) -> None:
     for name, sweep in noise_sweep(records).items():
         label = name if rho[name] == "" else f"{name} (rho {rho[name]})"
         for ax, key in zip(axes, ("final", "best")):
-            _band(ax, 100 * sweep["levels"], 100 * sweep[key], label)
+            per_level = [_mean_std(100 * acc[:, None]) for acc in sweep[key]]
+            mean, std = (np.array([m[i][0] for m in per_level]) for i in (0, 1))
+            _band(ax, 100 * np.array(sweep["levels"]), mean, std, label)
     for ax, what in zip(axes, ("final epoch", "best epoch of the seed mean")):
         ax.set_xlabel("label noise (%)")
         ax.set_title(f"test accuracy, {what}")
@@ -247,7 +252,7 @@ def plot_diagnostic(records, path, title: str) -> None:
             if not kept[0]:
                 continue  # SGD takes no perturbation
             for row, key in enumerate(DIAGNOSTIC_COLUMNS):
-                _band(axes[row][column], _field(kept, "epoch")[0], _field(kept, key), _label(runs))
+                _band(axes[row][column], _field(kept, "epoch")[0], *_mean_std(_field(kept, key)), _label(runs))
         axes[0][column].set_title(f"{100 * level:g}% label noise")
         axes[0][column].axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         axes[1][column].set_xlabel("epoch")
