@@ -125,7 +125,8 @@ def test_label_noise_list_runs_each_level_as_its_own_run(tmp_path, capsys):
 def test_diagnose_every_leaves_the_training_bit_identical(tmp_path, capsys):
     """The diagnostic runs on copies: every trajectory column of a run with
     --diagnose-every equals the run without, bit for bit (floats in full)."""
-    args = ("--epochs", "1", "--optimizers", "sgd,infosam", "--seeds", "2")
+    # Two epochs: training must go on after a checkpoint for a side effect to show.
+    args = ("--epochs", "2", "--optimizers", "sgd,infosam", "--seeds", "2")
     _quick(tmp_path / "plain", *args)
     _quick(tmp_path / "diagnosed", *args, "--diagnose-every", "1")
     plain = _read_csv(tmp_path / "plain" / "results.csv")

@@ -356,8 +356,8 @@ def run_command(args, parser) -> int:
                     records += train.run(dataset, name, rho[name], seed, level_settings, on_epoch)
                     report.write_csv(records, csv_path)  # partial results survive an interrupt
 
-    spread = f" ± 1 std over {len(seeds)} seeds" if len(seeds) > 1 else f", seed {seeds[0]}"
-    report.plot_accuracy(records, png_path, f"{dataset.name}: mean{spread}")
+    spread = f"mean ± 1 std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    report.plot_accuracy(records, png_path, f"{dataset.name}: {spread}")
     for level in levels:
         print()
         print(f"label noise {_percent(level)}:")
@@ -366,11 +366,11 @@ def run_command(args, parser) -> int:
     print(f"per-epoch results: {csv_path}")
     print(f"plot: {png_path}")
     if len(levels) > 1:
-        report.plot_noise_sweep(records, noise_path, f"{dataset.name}, {settings.epochs} epochs: mean{spread}")
+        report.plot_noise_sweep(records, noise_path, f"{dataset.name}, {settings.epochs} epochs: {spread}")
         print(f"accuracy against label noise: {noise_path}")
     if settings.diagnose_every:
         diagnostic_path = os.path.join(args.out, "diagnostic.png")
-        report.plot_diagnostic(records, diagnostic_path, f"{dataset.name}: adversarial effectiveness, mean{spread}")
+        report.plot_diagnostic(records, diagnostic_path, f"{dataset.name}: adversarial effectiveness, {spread}")
         print(f"adversarial effectiveness: {diagnostic_path}")
     return 0
 
