@@ -260,7 +260,9 @@ def plot_diagnostic(records, path, title: str) -> None:
             axes[row][column].grid(alpha=0.3)
     axes[0][0].set_ylabel("full-loss increase / full-batch SAM's")
     axes[1][0].set_ylabel("cosine(e, full-batch gradient)")
-    axes[0][0].legend()
+    with_lines = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+    if with_lines:
+        with_lines[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
