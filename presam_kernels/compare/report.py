@@ -248,8 +248,8 @@ def plot_diagnostic(records, path, title: str) -> None:
     fig, axes = plt.subplots(2, len(levels), figsize=(4.2 * len(levels) + 1.5, 7), sharex=True, squeeze=False)
     for column, level in enumerate(levels):
         for runs in _by_optimizer([r for r in records if r["label_noise"] == level]).values():
-            kept = [[r for r in run if r.get("adv_ratio", "") != ""] for run in runs]
-            if not kept[0]:
+            kept = [diagnosed for run in runs if (diagnosed := [r for r in run if r.get("adv_ratio", "") != ""])]
+            if not kept:
                 continue  # SGD takes no perturbation
             for row, key in enumerate(DIAGNOSTIC_COLUMNS):
                 _band(axes[row][column], _field(kept, "epoch")[0], *_mean_std(_field(kept, key)), _label(runs))
