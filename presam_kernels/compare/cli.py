@@ -220,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         metavar="DIR",
         default=DEFAULT_OUT,
-        help="output folder for results.csv and accuracy.png (default %(default)s)",
+        help="output folder for results.csv and the plots (default %(default)s)",
     )
     parser.add_argument(
         "--quick",
