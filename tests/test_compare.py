@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import os
 import pickle
 import subprocess
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from presam_kernels.__main__ import main
-from presam_kernels.compare import cli, data, report, train
+from presam_kernels.compare import cli, data, diagnose, report, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +27,12 @@ def _read_csv(path):
 
 def _without_timing(rows):
     return [{k: v for k, v in row.items() if k not in train.TIMING_COLUMNS} for row in rows]
+
+
+def _training_columns(rows):
+    """Every column a run's trajectory fixes: no timings, no diagnostic."""
+    dropped = set(train.TIMING_COLUMNS) | set(diagnose.COLUMNS)
+    return [{k: v for k, v in row.items() if k not in dropped} for row in rows]
 
 
 # --- the command end to end ---------------------------------------------------
@@ -94,6 +102,131 @@ def test_rho_flag_reaches_the_csv_per_optimizer(tmp_path, capsys):
     _quick(tmp_path, "--epochs", "1", "--optimizers", "sgd,sam,infosam", "--rho", "infosam=2.5")
     rho = {r["optimizer"]: r["rho"] for r in _read_csv(tmp_path / "results.csv")}
     assert rho == {"sgd": "", "sam": str(cli.DEFAULT_RHO["sam"]), "infosam": "2.5"}
+
+
+def test_label_noise_list_runs_each_level_as_its_own_run(tmp_path, capsys):
+    """One run per level with the same seeds: the 50% rows of a sweep are
+    the rows of a run at 50% alone; one table per level; noise.png."""
+    args = ("--epochs", "1", "--optimizers", "sgd", "--seeds", "1")
+    _quick(tmp_path / "sweep", *args, "--label-noise", "0,0.5")
+    stdout = capsys.readouterr().out
+    _quick(tmp_path / "alone", *args, "--label-noise", "0.5")
+    sweep = _read_csv(tmp_path / "sweep" / "results.csv")
+    alone = _read_csv(tmp_path / "alone" / "results.csv")
+    assert [r["label_noise"] for r in sweep] == ["0.0", "0.5"]
+    assert _without_timing(sweep[1:]) == _without_timing(alone)
+    assert sweep[0]["train_loss"] != alone[0]["train_loss"]
+    assert "label noise 0%:" in stdout and "label noise 50%:" in stdout
+    with open(tmp_path / "sweep" / "noise.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not os.path.exists(tmp_path / "alone" / "noise.png")
+
+
+def test_diagnose_every_leaves_the_training_bit_identical(tmp_path, capsys):
+    """The diagnostic runs on copies: every trajectory column of a run with
+    --diagnose-every equals the run without, bit for bit (floats in full)."""
+    # Two epochs: training must go on after a checkpoint for a side effect to show.
+    args = ("--epochs", "2", "--optimizers", "sgd,infosam", "--seeds", "2")
+    _quick(tmp_path / "plain", *args)
+    _quick(tmp_path / "diagnosed", *args, "--diagnose-every", "1")
+    plain = _read_csv(tmp_path / "plain" / "results.csv")
+    diagnosed = _read_csv(tmp_path / "diagnosed" / "results.csv")
+    assert _training_columns(plain) == _training_columns(diagnosed)
+    for row in diagnosed:
+        values = [row[k] for k in diagnose.COLUMNS]
+        if row["optimizer"] == "sgd":
+            assert values == ["", ""]  # SGD takes no perturbation
+        else:
+            assert all(np.isfinite(float(v)) for v in values), row
+    assert all(row[k] == "" for row in plain for k in diagnose.COLUMNS)
+    assert "adv ratio" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "diagnosed" / "diagnostic.png")
+
+
+# --- the adversarial-effectiveness diagnostic -------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    return data.load_digits()
+
+
+def _trained(name, steps=3, n_train=200):
+    """A digits model and optimizer ``name`` after a few steps (EMA warm),
+    with the training images and noisy labels."""
+    from presam_kernels.compare.models import build_model
+    from presam_kernels.compare.optimizers import DEFAULT_RHO, VARIANTS, build_optimizer
+
+    dataset = data.subset(_digits(), n_train, 10)
+    labels, _ = data.inject_label_noise(dataset.train_labels, 0.4, 10, seed=0)
+    model = build_model(dataset)
+    optimizer = build_optimizer(name, model, 0.05, DEFAULT_RHO.get(name))
+    clock = train._Clock(torch.device("cpu"))
+    for idx in torch.arange(n_train).split(50)[:steps]:
+        x = data.normalise(dataset.train_images[idx], dataset)
+        train.train_step(model, optimizer, VARIANTS[name].two_pass, torch.nn.CrossEntropyLoss(), x, labels[idx], clock)
+    return model, optimizer, dataset, labels
+
+
+def _snapshot(model, optimizer):
+    """Every tensor the next step reads: parameters, buffers, per-parameter
+    state (base optimizer's and the EMA), the EMA-ready flags."""
+    tensors = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        for key, value in optimizer.state[p].items():
+            tensors[f"state[{i}].{key}"] = value.clone()
+    for device, flag in getattr(optimizer, "_ema_ready", {}).items():
+        tensors[f"ema_ready.{device}"] = flag.clone()
+    return tensors
+
+
+# Plain gradient, the ASAM constraint, and both EMA objectives (the EMA and
+# its ready flag are what a careless diagnostic would advance).
+@pytest.mark.parametrize("name", ["sam", "asam", "vasso", "infosam"])
+def test_diagnostic_leaves_model_and_optimizer_bit_identical(name):
+    model, optimizer, dataset, labels = _trained(name)
+    before = _snapshot(model, optimizer)
+    assert any(k.endswith(".grad_ema") for k in before) == (name in ("vasso", "infosam"))
+    result = diagnose.adversarial_effectiveness(
+        model, optimizer, dataset.train_images, labels, dataset, torch.arange(200).split(50)
+    )
+    assert all(np.isfinite(result[k]) for k in diagnose.COLUMNS), result
+    after = _snapshot(model, optimizer)
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"the diagnostic changed {changed}"
+    assert optimizer._pending is None and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["sam", "asam", "infosam"])
+def test_diagnosed_perturbation_is_the_one_the_optimizer_then_takes(name):
+    model, optimizer, dataset, labels = _trained(name)
+    idx = torch.arange(100, 150)
+    x, y = data.normalise(dataset.train_images[idx], dataset), labels[idx]
+    predicted, _ = diagnose.perturbation(model, optimizer, x, y)
+    at_x = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    taken = [p.detach() - p0 for p, p0 in zip(model.parameters(), at_x)]
+    assert all(torch.equal(a, b) for a, b in zip(predicted, taken))
+    assert max(float(e.abs().max()) for e in taken) > 0
+    optimizer.restore()
+
+
+def test_sam_from_the_whole_training_set_scores_one():
+    """SAM's perturbation from a 'minibatch' that is the whole training set
+    is the full-batch SAM perturbation: ratio and cosine 1."""
+    model, optimizer, dataset, labels = _trained("sam")
+    result = diagnose.adversarial_effectiveness(
+        model, optimizer, dataset.train_images, labels, dataset, [torch.arange(200)]
+    )
+    assert result["adv_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert result["adv_ratio"] == pytest.approx(1.0, abs=1e-3)
+    # A minibatch of 10 points elsewhere: noisier, so less aligned.
+    small = diagnose.adversarial_effectiveness(
+        model, optimizer, dataset.train_images, labels, dataset, [torch.arange(10)]
+    )
+    assert small["adv_cosine"] < 0.9
 
 
 # --- label noise ----------------------------------------------------------------
@@ -278,6 +411,14 @@ def test_cifar_reader_refuses_pickles_that_name_other_code(cifar10_dir):
         (["--label-noise", "1"], "--label-noise: must lie in [0, 1)"),
         (["--label-noise", "-0.1"], "--label-noise: must lie in [0, 1)"),
         (["--label-noise", "lots"], "--label-noise: 'lots' is not a number"),
+        (["--label-noise", "1.2"], "--label-noise: must lie in [0, 1), got 1.2"),
+        (["--label-noise", "0,0.2,1.2"], "--label-noise: must lie in [0, 1), got 1.2"),
+        (["--label-noise", "0.2,x"], "--label-noise: 'x' is not a number"),
+        (["--label-noise", "nan"], "--label-noise: must lie in [0, 1)"),
+        (["--label-noise", ""], "--label-noise: give at least one level"),
+        (["--label-noise", " , "], "--label-noise: give at least one level"),
+        (["--diagnose-every", "-1"], "--diagnose-every: must lie in [0, 30]"),
+        (["--quick", "--diagnose-every", "4"], "--diagnose-every: must lie in [0, 3]"),
         (["--rho", "sam:0.1"], "--rho: rho 'sam:0.1' is not a number"),
         (["--rho", "sam=0.1,infosam"], "--rho: expected NAME=VALUE"),
         (["--rho", "adamw=0.1"], "--rho: unknown optimizer 'adamw'"),
@@ -298,6 +439,7 @@ def test_bad_arguments_exit_with_a_message_naming_the_option(args, message, caps
         main(["compare", "--out", str(tmp_path), *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "results.csv"), "the error must come before any training"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
@@ -320,7 +462,8 @@ def test_help_explains_every_option(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--dataset", "--data-dir", "--label-noise", "--optimizers", "--seeds", "--epochs",
-                   "--batch-size", "--lr", "--rho", "--device", "--out", "--quick", "--threads"):
+                   "--batch-size", "--lr", "--rho", "--device", "--out", "--quick", "--threads",
+                   "--diagnose-every"):
         assert option in text
 
 
@@ -348,6 +491,27 @@ def test_summary_reports_mean_std_and_best_epoch():
     assert row.final_acc_std == pytest.approx(np.std([0.7, 0.9], ddof=1))
     assert (row.best_epoch, row.best_acc) == (2, pytest.approx(0.85))
     assert row.optimizer_share == pytest.approx(0.25)
+
+
+def test_noise_sweep_reports_final_and_best_epoch_per_seed():
+    records = [
+        {"label_noise": level, "optimizer": "sam", "rho": 0.5, "seed": s, "epoch": e, "test_acc": acc}
+        for level, per_seed in ((0.0, ((0.5, 0.9, 0.7), (0.5, 0.8, 0.9))), (0.4, ((0.2, 0.3, 0.6), (0.4, 0.1, 0.4))))
+        for s, accs in enumerate(per_seed)
+        for e, acc in enumerate(accs, start=1)
+    ]
+    sweep = report.noise_sweep(records)["sam"]
+    assert sweep["levels"] == [0.0, 0.4]
+    assert [a.tolist() for a in sweep["final"]] == [[0.7, 0.9], [0.6, 0.4]]  # per level, per seed
+    # Seed-mean peaks: epoch 2 at 0% (0.85), epoch 3 at 40% (0.5).
+    assert [a.tolist() for a in sweep["best"]] == [[0.9, 0.8], [0.6, 0.4]]
+
+
+def test_table_shows_the_diagnostic_only_when_measured():
+    row = report.Summary("sam", "0.5", 2, 0.9, 0.01, 0.95, 3, 1.2, 0.4, 0.07)
+    assert "adv ratio" not in report.format_table([row])
+    diagnosed = report.format_table([row, dataclasses.replace(row, adv_ratio=0.8125, adv_cosine=0.25)])
+    assert "adv ratio" in diagnosed and "0.812" in diagnosed and "0.250" in diagnosed
 
 
 def test_augment_keeps_shape_and_is_fixed_by_the_generator():

