@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from .. import _extension
 from .._extension import extension_available
@@ -19,6 +20,14 @@ def triton_available() -> bool:
     return True
 
 
+def named_choice(choice: str):
+    """The backend the user named (the argument, else ``PRESAM_BACKEND``), or
+    None where they left the choice to us ("auto")."""
+    if choice == "auto":
+        choice = os.environ.get("PRESAM_BACKEND", "auto") or "auto"
+    return None if choice == "auto" else choice
+
+
 def resolve(choice: str, devices, sharded: bool = False) -> str:
     """The backend name for ``choice`` ("auto", "eager", "triton", "cpp") on ``devices``.
 
@@ -32,6 +41,13 @@ def resolve(choice: str, devices, sharded: bool = False) -> str:
         if choice not in BACKENDS:
             raise ValueError(f"PRESAM_BACKEND must be one of {BACKENDS}, got {choice!r}")
     if sharded:
+        if choice not in ("auto", "eager"):
+            warnings.warn(
+                f"backend={choice!r}: DTensor (FSDP2) parameters run on the eager backend, whose norm "
+                "takes the collective over the mesh (opt.backend says 'eager')",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return "eager"
     if choice == "auto":
         on_cuda = any(d.type == "cuda" for d in devices)

@@ -7,6 +7,7 @@ each step it gathers the bucket tables and calls the backend's verbs.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable
 
 import torch
@@ -262,6 +263,8 @@ class PreSAM(Optimizer):
         self._switched = []  # out of place: (param, its own .data) while it points at x + e
         self._pending_storage = None  # the parameters' storage addresses first_step left
         self.last_step_fused = False  # whether the last second_step fused the base update
+        self.last_step_backend = None  # the backend that ran the last perturbation
+        self._fallback_warned = set()
         self._first_found_inf = None
         self._host_ema_started = False
         self._ema_ready = {}  # device -> 0-d fp32 tensor, 1.0 once the EMA had a finite step
@@ -377,6 +380,26 @@ class PreSAM(Optimizer):
         self._ensure_buckets()
         return self._backend.name
 
+    def _note_path_taken(self, tables):
+        """Record which backend ran the perturbation (``last_step_backend``):
+        a compiled backend hands rows it cannot walk (float64 on cpp, a
+        parameter strided unlike its gradient, ...) to eager for the whole
+        call, and a backend the user named must not be swapped silently."""
+        ran = self._backend.name
+        if ran != "eager" and any(t.backend_state is None for t in tables):
+            ran = "eager"
+            named = backends.named_choice(self.backend_choice)
+            if named is not None and named not in self._fallback_warned:
+                self._fallback_warned.add(named)
+                warnings.warn(
+                    f"backend={named!r} cannot run this step's parameters (float64, a layout its kernels do not "
+                    f"walk, or a tensor subclass): the step ran on the eager backend, and will whenever that "
+                    f"recurs (opt.last_step_backend says which ran; this warning is shown once)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        self.last_step_backend = ran
+
     # -- checks -------------------------------------------------------------
     def _group_rhos(self):
         rhos, perturbed = [], []
@@ -475,6 +498,7 @@ class PreSAM(Optimizer):
             norm, skipped = self._backend.perturb(
                 [tables[k] for k in active], [buckets[k] for k in active], spec, rhos, first, found_inf
             )
+            self._note_path_taken([tables[k] for k in active])
         else:
             norm = torch.zeros((), dtype=torch.float32, device=buckets[0].device)
             skipped = norm > 0 if found_inf is None else found_inf.reshape(()).to(norm.device) > 0
