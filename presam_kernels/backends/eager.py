@@ -1,7 +1,11 @@
 """Eager PyTorch backend: the CPU path and the readable reference.
 
-Every verb works on the per-bucket ``Table``s with ``torch._foreach_*`` ops,
-one call per op over all rows (one row per bucket and group when flattened).
+Every verb works on the per-bucket ``Table``s with ``torch._foreach_*`` ops.
+``perturb`` runs in batches of at most ``PIECE`` elements (rows above that
+cut into slices, small rows grouped), each through the whole formula before
+the next, twice: once for the global norm, once more (recomputing u and c)
+to write x + e.  So its temporaries stay a few MB whatever the model's size,
+and the optimizer holds only the state the variant needs (README, "Memory").
 Scalars that depend on the data (the norm, the scale, the overflow flag, the
 EMA-ready flag) stay device tensors: on an accelerator nothing here reads a
 tensor on the host.  On the CPU, which runs ops synchronously, the overflow
@@ -12,18 +16,30 @@ c constraint diagonal, e = rho * c^2 * u / (||c u|| + eps_norm).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from ..buckets import _non_overlapping_and_dense
 from ..preconditioners import Constraint, Objective, Preconditioner
 
 name = "eager"
+
+# Elements per batch of perturb's work.  Its temporaries (an fp32 copy of a
+# bf16 gradient and parameter, u, c, c u, the fp32 result of a bf16 x + e)
+# are at most ~8 fp32 values per element of a batch: 8 MB at 2^18, against
+# 14 B per element of the whole model when a batch was a whole bucket.
+# ResNet-50 set, fp32, CPU (bench/RESULTS_memory.md, "Piece size"): 2^16
+# pays ~1 us per op and batch in calls, 2^20 leaves the cache; 2^18 is
+# within the noise of the unbatched step.
+PIECE = 1 << 18
 
 
 def _fp32(tensors):
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
 
 
-def _direction(spec: Preconditioner, g, m, first, scratch):
+def _direction(spec: Preconditioner, g, m, first):
     """u (possibly scaled by delta, see below) and the EMA's next value m_new.
 
     ``first`` is True when the host knows no EMA step has happened yet, else a
@@ -39,7 +55,7 @@ def _direction(spec: Preconditioner, g, m, first, scratch):
     if first is True:
         return g, g
     if first is False:
-        return _direction_known_ready(spec, g, m, scratch)
+        return _direction_known_ready(spec, g, m)
     if spec.objective is Objective.EMA:
         weight = spec.ema_weight + (1.0 - spec.ema_weight) * first  # 1 on the first step: m = g
         m_new = torch._foreach_sub(g, m)
@@ -59,20 +75,18 @@ def _direction(spec: Preconditioner, g, m, first, scratch):
     return u, gap
 
 
-def _direction_known_ready(spec: Preconditioner, g, m, scratch):
+def _direction_known_ready(spec: Preconditioner, g, m):
     """_direction when the host knows the EMA is running (``first`` False, as
-    on the CPU), in as few passes as torch allows: ``scratch[0]`` receives u,
-    infoSAM's ``scratch[1]`` the gap m_old - g (3 passes, against 7 with the
-    blended formulas), and m_new is returned as a callable that writes it
-    into m in one more pass (ResNet-50 set: 12 B per element less than
-    recomputing the gap there)."""
-    u = scratch[0]
+    on the CPU), in as few passes as torch allows: u, and infoSAM's gap
+    m_old - g (3 passes, against 7 with the blended formulas), with m_new
+    returned as a callable that writes it into m in one more pass."""
+    u = [torch.empty_like(gi) for gi in g]
     if spec.objective is Objective.EMA:
         for s, mi, gi in zip(u, m, g):
             torch.lerp(mi, gi, spec.ema_weight, out=s)  # m + theta (g - m)
         return u, u
     alpha = 1.0 - spec.ema_weight
-    gap = scratch[1]
+    gap = [torch.empty_like(gi) for gi in g]
     for s, d, mi, gi in zip(u, gap, m, g):
         torch.sub(mi, gi, out=d)
         torch.addcmul(_ONE, d, d, value=alpha * alpha / spec.delta, out=s)  # 1 + belief / delta
@@ -122,13 +136,6 @@ def _mul_where(c, u):
     return out
 
 
-def _sum_of_squares(tensors, device):
-    if not tensors:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    norms = torch._foreach_norm(tensors)
-    return torch.stack(norms).float().square().sum()
-
-
 def unscale_(tables, inv_scale, found_inf):
     """Divide the gradients by the loss scale in place, recording overflow in
     ``found_inf`` (a 1-element fp32 tensor per device, as GradScaler keeps)."""
@@ -140,35 +147,92 @@ def unscale_(tables, inv_scale, found_inf):
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
 
 
-def _like_rows(bucket, table, flat):
-    """Each row's slice of a bucket-sized flat buffer, shaped like the row."""
-    if table.members is not None:
-        views = bucket.views(flat)  # cached: no per-step views of per-parameter rows
-        return [views[i] for i in table.members]
-    return [flat.as_strided(t.size(), t.stride(), flat.storage_offset() + off)
-            for t, off in zip(table.grad_emas, table.offsets)]
+@dataclass
+class _Batch:
+    """At most ``PIECE`` elements of one table: whole rows, or slices of a row
+    (1-D, in memory order), with the row's metadata.  ``saved`` is the backup,
+    or out of place the adversarial buffer; ``grad_emas`` None without EMA."""
+
+    out_of_place: bool
+    grad_emas: list | None
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    saved: list = field(default_factory=list)
+    group_index: list = field(default_factory=list)
+    is_weight: list = field(default_factory=list)
+    perturbed: list = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.params)
+
+
+def _batches(table):
+    """``table`` cut into batches of at most ``PIECE`` elements (a row too
+    big for one batch is cut into slices of ``PIECE`` elements)."""
+    saved = table.adversarials if table.out_of_place else table.backups
+    emas = table.grad_emas
+    batch, size = _Batch(table.out_of_place, None if emas is None else []), 0
+    for i in range(len(table)):
+        row = [table.params[i], table.grads[i], saved[i]] + ([emas[i]] if emas is not None else [])
+        for piece in _slices(row):
+            n = piece[0].numel()
+            if size and size + n > PIECE:
+                yield batch
+                batch, size = _Batch(table.out_of_place, None if emas is None else []), 0
+            batch.params.append(piece[0])
+            batch.grads.append(piece[1])
+            batch.saved.append(piece[2])
+            if emas is not None:
+                batch.grad_emas.append(piece[3])
+            batch.group_index.append(table.group_index[i])
+            batch.is_weight.append(table.is_weight[i])
+            batch.perturbed.append(table.perturbed[i])
+            size += n
+    if len(batch):
+        yield batch
+
+
+def _slices(row):
+    """Same-index slices of ``PIECE`` elements of the row's tensors (param,
+    grad, saved[, EMA]), or the row whole when it is small or its tensors do
+    not share one dense layout (a gradient strided unlike its parameter:
+    rare; that row's temporaries are then row-sized)."""
+    first = row[0]
+    n = first.numel()
+    if n <= PIECE or any(t.shape != first.shape or t.stride() != first.stride() for t in row) \
+            or not _non_overlapping_and_dense(first):
+        return [row]
+    flat = [t.as_strided((n,), (1,), t.storage_offset()) for t in row]  # memory order, same for all
+    return [[f[start:start + PIECE] for f in flat] for start in range(0, n, PIECE)]
+
+
+def _terms(spec: Preconditioner, batch, first):
+    """(c, c u, m_new) of one batch; fresh temporaries, sized like the batch."""
+    g = _fp32(batch.grads)
+    u, m_new = _direction(spec, g, batch.grad_emas, first)
+    c = _constraint(spec, batch, g)
+    return c, _mul_where(c, u), m_new
 
 
 def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     """x <- x + e for every row (one global norm over all tables), backup <- x,
     EMA <- m_new (out-of-place tables: adversarial <- x + e instead).  A
     non-finite norm or ``found_inf`` > 0 perturbs nothing and keeps the EMA.
-    Returns (norm, skipped) as 0-d fp32/bool device tensors."""
+    Returns (norm, skipped) as 0-d fp32/bool device tensors.
+
+    Two passes over the batches: the norm, then c and u computed again (the
+    same ops, so the same bits) to write x + e: recomputing costs less than
+    keeping c u for the whole model (4-12 B per element) between the passes."""
     device = buckets[0].device
     if device.type == "cpu" and isinstance(first, torch.Tensor):
         first = bool(first)  # synchronous device: reading the flag stalls nothing
-    work, partials = [], []
+    partials = []
     for table, bucket in zip(tables, buckets):
-        g = _fp32(table.grads)
-        scratch = None
-        if first is False and spec.objective.has_state and len(table):
-            slots = bucket.ensure_direction_scratch(2 if spec.objective is Objective.INFO else 1)
-            scratch = [_like_rows(bucket, table, flat) for flat in slots]
-        u, m_new = _direction(spec, g, table.grad_emas, first, scratch)
-        c = _constraint(spec, table, g)
-        cu = _mul_where(c, u)
-        work.append((c, cu, m_new))
-        partial = _sum_of_squares(cu, table.params[0].device if len(table) else buckets[0].device)
+        row_device = table.params[0].device if len(table) else bucket.device
+        norms = []  # per row or slice, as torch._foreach_norm gives them
+        for batch in _batches(table):
+            norms += torch._foreach_norm(_terms(spec, batch, first)[1])
+        partial = _sum_of_squares(norms, row_device)
         if table.reduce_sum_of_squares is not None:
             partial = table.reduce_sum_of_squares(partial)
         partials.append(partial.to(device))
@@ -181,65 +245,74 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
         eps = spec.eps_norm * (first + (1.0 - first) * spec.delta)
     scale = torch.where(skipped, 0.0, 1.0 / (norm + eps))
 
-    for table, (c, cu, m_new) in zip(tables, work):
-        if len(table):
-            _apply(table, c, cu, m_new, scale, skipped, rhos)
+    for table in tables:
+        if not len(table):
+            continue
+        row_skipped = skipped.to(table.params[0].device)
+        # A CPU runs ops synchronously, so reading the flag stalls nothing there;
+        # elsewhere the flag stays on the device and selects element-wise.
+        skip_now = table.params[0].device.type == "cpu" and bool(row_skipped)
+        for batch in _batches(table):
+            c, cu, m_new = ([None] * len(batch), None, None) if skip_now else _terms(spec, batch, first)
+            _apply(batch, c, cu, m_new, scale, row_skipped, skip_now, rhos)
     return norm, skipped
 
 
-def _apply(table, c, cu, m_new, scale, skipped, rhos):
-    """One table's share of the step: EMA <- m_new, backup <- x, x <- x + e,
-    unless ``skipped``.  Out of place: adversarial <- x + e (x when skipped),
-    x and the backup untouched."""
-    device = table.params[0].device
-    skipped = skipped.to(device)
-    # A CPU runs ops synchronously, so reading the flag stalls nothing there;
-    # elsewhere the flag stays on the device and selects element-wise.
+def _sum_of_squares(norms, device):
+    if not norms:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(norms).float().square().sum()
+
+
+def _apply(batch, c, cu, m_new, scale, skipped, skip_now, rhos):
+    """One batch's share of the step: EMA <- m_new, backup <- x, x <- x + e,
+    unless ``skipped`` (``skip_now``: known on the host).  Out of place:
+    adversarial <- x + e (x when skipped), x and the backup untouched."""
+    device = batch.params[0].device
     on_host = device.type == "cpu"
-    skip_now = on_host and bool(skipped)
     if m_new is not None and not skip_now:
         if callable(m_new):
-            m_new(table.grad_emas)
+            m_new(batch.grad_emas)
         elif on_host:
-            torch._foreach_copy_(table.grad_emas, m_new)
+            torch._foreach_copy_(batch.grad_emas, m_new)
         else:
-            for m, new in zip(table.grad_emas, m_new):
+            for m, new in zip(batch.grad_emas, m_new):
                 torch.where(skipped, m, new, out=m)
-    rows = [i for i in range(len(table)) if table.perturbed[i]]
+    rows = [i for i in range(len(batch)) if batch.perturbed[i]]
     if not rows:
         return
-    params = [table.params[i] for i in rows]
-    if table.out_of_place:
-        targets, originals = [table.adversarials[i] for i in rows], params
+    params = [batch.params[i] for i in rows]
+    if batch.out_of_place:
+        targets, originals = [batch.saved[i] for i in rows], params
         if skip_now:
             torch._foreach_copy_(targets, params)
             return
     else:
-        backups = [table.backups[i] for i in rows]
+        backups = [batch.saved[i] for i in rows]
         torch._foreach_copy_(backups, params)
         targets, originals = params, backups
         if skip_now:
             return
     target_of = dict(zip(rows, targets))
     # e = (rho * scale) * c * (c u): one fused multiply-add per row, in fp32
-    # whatever x's dtype, with no temporary (CPU: a fresh 100 MB temporary
-    # costs more in page faults than the whole add).  Out of place it writes
-    # x + e straight into the adversarial slice: the same multiply-add, so the
-    # same bits, without first copying x there (8 B per element less).
-    factor = {k: scale.to(device) * rhos[k] for k in {table.group_index[i] for i in rows}}
+    # whatever x's dtype.  Out of place it writes x + e straight into the
+    # adversarial slice: the same multiply-add, so the same bits, without
+    # first copying x there (8 B per element less).
+    factor = {k: scale.to(device) * rhos[k] for k in {batch.group_index[i] for i in rows}}
     scaled = [i for i in rows if c[i] is not None]
     if scaled:
-        torch._foreach_mul_([cu[i] for i in scaled], [factor[table.group_index[i]] for i in scaled])
-    operands = {i: (cu[i], factor[table.group_index[i]]) if c[i] is None else (c[i], cu[i]) for i in rows}
-    if table.out_of_place:
+        torch._foreach_mul_([cu[i] for i in scaled], [factor[batch.group_index[i]] for i in scaled])
+    operands = {i: (cu[i], factor[batch.group_index[i]]) if c[i] is None else (c[i], cu[i]) for i in rows}
+    if batch.out_of_place:
         for i in rows:
-            torch.addcmul(table.params[i], *operands[i], out=target_of[i])
+            torch.addcmul(batch.params[i], *operands[i], out=target_of[i])
     else:
         torch._foreach_addcmul_(params, [operands[i][0] for i in rows], [operands[i][1] for i in rows])
     if not on_host:
         # 0 * inf is NaN: a skipped step must leave x (or its copy) as it was, bit for bit.
         for t, o in zip(targets, originals):
             torch.where(skipped, o, t, out=t)
+
 
 def restore(tables):
     """x <- backup, bit for bit, for every perturbed row (nothing to copy out of place)."""
