@@ -33,6 +33,15 @@ name = "eager"
 # pays ~1 us per op and batch in calls, 2^20 leaves the cache; 2^18 is
 # within the noise of the unbatched step.
 PIECE = 1 << 18
+# The same on accelerators (FSDP2 shards take this backend on GPUs), where
+# each op of a batch is a launch (~5 us): at ~180 B per element over the
+# formula's ~15 ops and ~3 TB/s, batches below ~1M elements are launch-bound.
+# 2^22 (temporaries up to ~128 MB) is that estimate, not a measurement yet.
+PIECE_ACCELERATOR = 1 << 22
+
+
+def _piece(device: torch.device) -> int:
+    return PIECE if device.type == "cpu" else PIECE_ACCELERATOR
 
 
 def _fp32(tensors):
@@ -167,23 +176,25 @@ class _Batch:
 
 
 def _batches(table):
-    """``table`` cut into batches of at most ``PIECE`` elements (a row too
-    big for one batch is cut into slices of ``PIECE`` elements)."""
+    """``table`` cut into batches of at most ``PIECE`` elements (on the CPU;
+    ``PIECE_ACCELERATOR`` elsewhere); a row too big for one batch is cut into
+    slices of that many elements."""
     saved = table.adversarials if table.out_of_place else table.backups
     emas = table.grad_emas
+    piece = _piece(table.params[0].device) if len(table) else PIECE
     batch, size = _Batch(table.out_of_place, None if emas is None else []), 0
     for i in range(len(table)):
         row = [table.params[i], table.grads[i], saved[i]] + ([emas[i]] if emas is not None else [])
-        for piece in _slices(row):
-            n = piece[0].numel()
-            if size and size + n > PIECE:
+        for part in _slices(row, piece):
+            n = part[0].numel()
+            if size and size + n > piece:
                 yield batch
                 batch, size = _Batch(table.out_of_place, None if emas is None else []), 0
-            batch.params.append(piece[0])
-            batch.grads.append(piece[1])
-            batch.saved.append(piece[2])
+            batch.params.append(part[0])
+            batch.grads.append(part[1])
+            batch.saved.append(part[2])
             if emas is not None:
-                batch.grad_emas.append(piece[3])
+                batch.grad_emas.append(part[3])
             batch.group_index.append(table.group_index[i])
             batch.is_weight.append(table.is_weight[i])
             batch.perturbed.append(table.perturbed[i])
@@ -192,18 +203,18 @@ def _batches(table):
         yield batch
 
 
-def _slices(row):
-    """Same-index slices of ``PIECE`` elements of the row's tensors (param,
+def _slices(row, piece):
+    """Same-index slices of ``piece`` elements of the row's tensors (param,
     grad, saved[, EMA]), or the row whole when it is small or its tensors do
     not share one dense layout (a gradient strided unlike its parameter:
     rare; that row's temporaries are then row-sized)."""
     first = row[0]
     n = first.numel()
-    if n <= PIECE or any(t.shape != first.shape or t.stride() != first.stride() for t in row) \
+    if n <= piece or any(t.shape != first.shape or t.stride() != first.stride() for t in row) \
             or not _non_overlapping_and_dense(first):
         return [row]
     flat = [t.as_strided((n,), (1,), t.storage_offset()) for t in row]  # memory order, same for all
-    return [[f[start:start + PIECE] for f in flat] for start in range(0, n, PIECE)]
+    return [[f[start:start + piece] for f in flat] for start in range(0, n, piece)]
 
 
 def _terms(spec: Preconditioner, batch, first):
