@@ -16,6 +16,7 @@ c constraint diagonal, e = rho * c^2 * u / (||c u|| + eps_norm).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -29,9 +30,10 @@ name = "eager"
 # bf16 gradient and parameter, u, c, c u, the fp32 result of a bf16 x + e)
 # are at most ~8 fp32 values per element of a batch: 8 MB at 2^18, against
 # 14 B per element of the whole model when a batch was a whole bucket.
-# ResNet-50 set, fp32, CPU (bench/RESULTS_memory.md, "Piece size"): 2^16
-# pays ~1 us per op and batch in calls, 2^20 leaves the cache; 2^18 is
-# within the noise of the unbatched step.
+# ResNet-50 set, infoSAM, fp32, the shared 2-core CPU at load ~14 (noisy),
+# step time against the unbatched code in paired alternating runs (median
+# of 16-20): 2^14 3.2x, 2^16 1.4x, 2^18 1.2x, 2^20 1.4x, 2^22 1.5x; 2^18
+# with the reused scratch and per-table factors: 1.11x (SAM 1.04x).
 PIECE = 1 << 18
 # The same on accelerators (FSDP2 shards take this backend on GPUs), where
 # each op of a batch is a launch (~5 us): at ~180 B per element over the
@@ -44,11 +46,48 @@ def _piece(device: torch.device) -> int:
     return PIECE if device.type == "cpu" else PIECE_ACCELERATOR
 
 
+def _makes_temporaries(spec: Preconditioner, dtype: torch.dtype) -> bool:
+    """Whether the formula needs temporaries for this bucket: not for plain
+    SAM on fp32 (u = c u = g), which then runs as one batch (no extra calls)."""
+    return dtype != torch.float32 or spec.objective is not Objective.GRADIENT or spec.constraint is not Constraint.NONE
+
+
 def _fp32(tensors):
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
 
 
-def _direction(spec: Preconditioner, g, m, first):
+class _Scratch:
+    """fp32 buffers of one ``perturb`` call that every batch reuses, carved
+    into views shaped and strided like the batch's rows: a fresh temporary
+    per batch is fresh memory to the OS, and its first touch page-faults
+    (ResNet-50 set, infoSAM: 25% slower than with these buffers)."""
+
+    ALIGN = 16  # elements: views start 64-byte aligned, as bucket slices do
+
+    def __init__(self):
+        self.flats = {}
+
+    def like(self, slot, tensors):
+        """A view per tensor (fp32, same shape and strides), from buffer ``slot``;
+        a fresh tensor where the buffer is full or the tensor is not dense."""
+        if not tensors:
+            return []
+        device = tensors[0].device
+        key = (device, slot)
+        if key not in self.flats:
+            self.flats[key] = torch.empty(_piece(device) + 64 * self.ALIGN, dtype=torch.float32, device=device)
+        flat, offset, out = self.flats[key], 0, []
+        for t in tensors:
+            n = t.numel()
+            if offset + n <= flat.numel() and _non_overlapping_and_dense(t):
+                out.append(flat.as_strided(t.shape, t.stride(), offset))
+                offset += (n + self.ALIGN - 1) // self.ALIGN * self.ALIGN
+            else:
+                out.append(torch.empty_like(t, dtype=torch.float32))
+        return out
+
+
+def _direction(spec: Preconditioner, g, m, first, scratch):
     """u (possibly scaled by delta, see below) and the EMA's next value m_new.
 
     ``first`` is True when the host knows no EMA step has happened yet, else a
@@ -64,7 +103,7 @@ def _direction(spec: Preconditioner, g, m, first):
     if first is True:
         return g, g
     if first is False:
-        return _direction_known_ready(spec, g, m)
+        return _direction_known_ready(spec, g, m, scratch)
     if spec.objective is Objective.EMA:
         weight = spec.ema_weight + (1.0 - spec.ema_weight) * first  # 1 on the first step: m = g
         m_new = torch._foreach_sub(g, m)
@@ -84,18 +123,19 @@ def _direction(spec: Preconditioner, g, m, first):
     return u, gap
 
 
-def _direction_known_ready(spec: Preconditioner, g, m):
+def _direction_known_ready(spec: Preconditioner, g, m, scratch):
     """_direction when the host knows the EMA is running (``first`` False, as
     on the CPU), in as few passes as torch allows: u, and infoSAM's gap
     m_old - g (3 passes, against 7 with the blended formulas), with m_new
-    returned as a callable that writes it into m in one more pass."""
-    u = [torch.empty_like(gi) for gi in g]
+    returned as a callable that writes it into m in one more pass.  u and
+    the gap are views of ``scratch``, valid until its next batch."""
+    u = scratch.like(0, g)
     if spec.objective is Objective.EMA:
         for s, mi, gi in zip(u, m, g):
             torch.lerp(mi, gi, spec.ema_weight, out=s)  # m + theta (g - m)
         return u, u
     alpha = 1.0 - spec.ema_weight
-    gap = [torch.empty_like(gi) for gi in g]
+    gap = scratch.like(1, g)
     for s, d, mi, gi in zip(u, gap, m, g):
         torch.sub(mi, gi, out=d)
         torch.addcmul(_ONE, d, d, value=alpha * alpha / spec.delta, out=s)  # 1 + belief / delta
@@ -175,13 +215,11 @@ class _Batch:
         return len(self.params)
 
 
-def _batches(table):
-    """``table`` cut into batches of at most ``PIECE`` elements (on the CPU;
-    ``PIECE_ACCELERATOR`` elsewhere); a row too big for one batch is cut into
-    slices of that many elements."""
+def _batches(table, piece):
+    """``table`` cut into batches of at most ``piece`` elements; a row too
+    big for one batch is cut into slices of that many elements."""
     saved = table.adversarials if table.out_of_place else table.backups
     emas = table.grad_emas
-    piece = _piece(table.params[0].device) if len(table) else PIECE
     batch, size = _Batch(table.out_of_place, None if emas is None else []), 0
     for i in range(len(table)):
         row = [table.params[i], table.grads[i], saved[i]] + ([emas[i]] if emas is not None else [])
@@ -217,10 +255,10 @@ def _slices(row, piece):
     return [[f[start:start + piece] for f in flat] for start in range(0, n, piece)]
 
 
-def _terms(spec: Preconditioner, batch, first):
-    """(c, c u, m_new) of one batch; fresh temporaries, sized like the batch."""
+def _terms(spec: Preconditioner, batch, first, scratch):
+    """(c, c u, m_new) of one batch: temporaries sized like the batch."""
     g = _fp32(batch.grads)
-    u, m_new = _direction(spec, g, batch.grad_emas, first)
+    u, m_new = _direction(spec, g, batch.grad_emas, first, scratch)
     c = _constraint(spec, batch, g)
     return c, _mul_where(c, u), m_new
 
@@ -237,12 +275,13 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     device = buckets[0].device
     if device.type == "cpu" and isinstance(first, torch.Tensor):
         first = bool(first)  # synchronous device: reading the flag stalls nothing
-    partials = []
-    for table, bucket in zip(tables, buckets):
+    partials, scratch = [], _Scratch()
+    pieces = [_piece(b.device) if _makes_temporaries(spec, b.dtype) else sys.maxsize for b in buckets]
+    for table, bucket, piece in zip(tables, buckets, pieces):
         row_device = table.params[0].device if len(table) else bucket.device
         norms = []  # per row or slice, as torch._foreach_norm gives them
-        for batch in _batches(table):
-            norms += torch._foreach_norm(_terms(spec, batch, first)[1])
+        for batch in _batches(table, piece):
+            norms += torch._foreach_norm(_terms(spec, batch, first, scratch)[1])
         partial = _sum_of_squares(norms, row_device)
         if table.reduce_sum_of_squares is not None:
             partial = table.reduce_sum_of_squares(partial)
@@ -256,16 +295,18 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
         eps = spec.eps_norm * (first + (1.0 - first) * spec.delta)
     scale = torch.where(skipped, 0.0, 1.0 / (norm + eps))
 
-    for table in tables:
+    for table, piece in zip(tables, pieces):
         if not len(table):
             continue
-        row_skipped = skipped.to(table.params[0].device)
+        row_device = table.params[0].device
+        row_skipped = skipped.to(row_device)
         # A CPU runs ops synchronously, so reading the flag stalls nothing there;
         # elsewhere the flag stays on the device and selects element-wise.
-        skip_now = table.params[0].device.type == "cpu" and bool(row_skipped)
-        for batch in _batches(table):
-            c, cu, m_new = ([None] * len(batch), None, None) if skip_now else _terms(spec, batch, first)
-            _apply(batch, c, cu, m_new, scale, row_skipped, skip_now, rhos)
+        skip_now = row_device.type == "cpu" and bool(row_skipped)
+        factor = {k: scale.to(row_device) * rhos[k] for k in set(table.group_index)}  # rho / (||c u|| + eps)
+        for batch in _batches(table, piece):
+            c, cu, m_new = ([None] * len(batch), None, None) if skip_now else _terms(spec, batch, first, scratch)
+            _apply(batch, c, cu, m_new, factor, row_skipped, skip_now)
     return norm, skipped
 
 
@@ -275,10 +316,11 @@ def _sum_of_squares(norms, device):
     return torch.stack(norms).float().square().sum()
 
 
-def _apply(batch, c, cu, m_new, scale, skipped, skip_now, rhos):
+def _apply(batch, c, cu, m_new, factor, skipped, skip_now):
     """One batch's share of the step: EMA <- m_new, backup <- x, x <- x + e,
     unless ``skipped`` (``skip_now``: known on the host).  Out of place:
-    adversarial <- x + e (x when skipped), x and the backup untouched."""
+    adversarial <- x + e (x when skipped), x and the backup untouched.
+    ``factor[k]``: group k's rho / (||c u|| + eps), a device tensor."""
     device = batch.params[0].device
     on_host = device.type == "cpu"
     if m_new is not None and not skip_now:
@@ -309,7 +351,6 @@ def _apply(batch, c, cu, m_new, scale, skipped, skip_now, rhos):
     # whatever x's dtype.  Out of place it writes x + e straight into the
     # adversarial slice: the same multiply-add, so the same bits, without
     # first copying x there (8 B per element less).
-    factor = {k: scale.to(device) * rhos[k] for k in {batch.group_index[i] for i in rows}}
     scaled = [i for i in rows if c[i] is not None]
     if scaled:
         torch._foreach_mul_([cu[i] for i in scaled], [factor[batch.group_index[i]] for i in scaled])
