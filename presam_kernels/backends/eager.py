@@ -33,7 +33,8 @@ name = "eager"
 # ResNet-50 set, infoSAM, fp32, the shared 2-core CPU at load ~14 (noisy),
 # step time against the unbatched code in paired alternating runs (median
 # of 16-20): 2^14 3.2x, 2^16 1.4x, 2^18 1.2x, 2^20 1.4x, 2^22 1.5x; 2^18
-# with the reused scratch and per-table factors: 1.11x (SAM 1.04x).
+# with the factors made once per table (not per batch) and the reused
+# scratch: 1.10x (SAM 1.04x).
 PIECE = 1 << 18
 # The same on accelerators (FSDP2 shards take this backend on GPUs), where
 # each op of a batch is a launch (~5 us): at ~180 B per element over the
@@ -60,7 +61,8 @@ class _Scratch:
     """fp32 buffers of one ``perturb`` call that every batch reuses, carved
     into views shaped and strided like the batch's rows: a fresh temporary
     per batch is fresh memory to the OS, and its first touch page-faults
-    (ResNet-50 set, infoSAM: 25% slower than with these buffers)."""
+    (ResNet-50 set, infoSAM, against the unbatched step in paired runs:
+    1.54x and 1.67x with fresh ones, 1.10x and 1.11x with these)."""
 
     ALIGN = 16  # elements: views start 64-byte aligned, as bucket slices do
 
