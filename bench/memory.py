@@ -4,8 +4,8 @@ the common per-parameter SAM loop (``baselines.LoopSAM``, and the infoSAM
 authors' loop).
 
 Run ``PYTHONPATH=. python bench/memory.py`` (about two minutes on 2 cores);
-it writes RESULTS_memory.md next to this file.  ``--smoke`` measures tiny sets
-and prints instead (what ``make test`` runs, bench/test_memory.py).
+it writes RESULTS_memory.md next to this file.  ``--smoke --out PATH``
+measures tiny sets (what ``make test`` runs, bench/test_memory.py).
 
 How bytes are counted (CPU; deterministic, so tests can assert them):
 
@@ -262,16 +262,19 @@ TINY_PIECE = 2048
 
 
 def main(argv=None):
+    """Measure and write the results file; returns the rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sets, print instead of writing RESULTS_memory.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny sets (what make test runs)")
+    parser.add_argument("--out", default=RESULTS, help="the results file (default: bench/RESULTS_memory.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.smoke:
-        print(table(run(tiny_sets(), piece=TINY_PIECE)))
-        return
-    rows = run(SETS)
-    write_results(rows)
+        rows = run(tiny_sets(), piece=TINY_PIECE)
+    else:
+        rows = run({name: make() for name, make in SETS.items()})
+    write_results(rows, args.out)
     print(table(rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,8 +22,15 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def rows():
-    return memory.run(memory.tiny_sets(), piece=memory.TINY_PIECE)
+def smoke_run(tmp_path_factory):
+    """The script run at tiny size, once: (its rows, the file it wrote)."""
+    path = tmp_path_factory.mktemp("memory") / "RESULTS_memory.md"
+    return memory.main(["--smoke", "--out", str(path)]), path
+
+
+@pytest.fixture(scope="module")
+def rows(smoke_run):
+    return smoke_run[0]
 
 
 def _eager_row(rows, dtype, variant, perturb, flatten):
@@ -32,9 +39,8 @@ def _eager_row(rows, dtype, variant, perturb, flatten):
     return row
 
 
-def test_memory_script_writes_every_case(rows, tmp_path):
-    path = tmp_path / "RESULTS_memory.md"
-    memory.write_results(rows, path)
+def test_memory_script_writes_every_case(smoke_run):
+    rows, path = smoke_run
     text = path.read_text()
     assert len(rows) == len(CASES) + 2 * len(memory.LOOP_VARIANT)
     assert text.count("| resnet50_tiny |") == len(rows)
@@ -53,3 +59,8 @@ def test_eager_peak_is_within_2_bytes_per_element_of_the_state(rows, dtype, vari
     row = _eager_row(rows, dtype, variant, perturb, flatten)
     needs = memory.state_bytes_per_element(variant, shapes.DTYPES[dtype].itemsize)
     assert row.peak_per_element <= needs + PEAK_ABOVE_STATE, (row.peak_per_element, needs)
+
+
+def test_real_sets_are_what_the_results_file_names():
+    assert shapes.numel(memory.SETS["resnet50"]()) == shapes.EXPECTED["resnet50"][1]
+    assert shapes.numel(memory.SETS["single_8m"]()) == 8 << 20
