@@ -34,7 +34,8 @@ name = "eager"
 # step time against the unbatched code in paired alternating runs (median
 # of 16-20): 2^14 3.2x, 2^16 1.4x, 2^18 1.2x, 2^20 1.4x, 2^22 1.5x; 2^18
 # with the factors made once per table (not per batch) and the reused
-# scratch: 1.10x (SAM 1.04x).
+# scratch: 1.10x (SAM 1.04x); at load ~5: 1.07x, flatten=True 0.85x
+# (SAM 0.97x, 0.99x).
 PIECE = 1 << 18
 # The same on accelerators (FSDP2 shards take this backend on GPUs), where
 # each op of a batch is a launch (~5 us): at ~180 B per element over the
