@@ -113,7 +113,6 @@ class Bucket:
     backup: torch.Tensor | None = None
     grad_ema: torch.Tensor | None = None
     grad_ema_prev: torch.Tensor | None = None
-    direction_scratch: list | None = None
     flat_param: torch.Tensor | None = None
     flat_grad: torch.Tensor | None = None
     adversarial: torch.Tensor | None = None
@@ -206,15 +205,6 @@ class Bucket:
         if self.grad_ema is None:
             self.grad_ema = self.new_flat(torch.float32)
         return self.grad_ema
-
-    def ensure_direction_scratch(self, slots: int) -> list:
-        """``slots`` fp32 flat buffers (rows of one tensor, the same row
-        objects every step) for the eager CPU path of the EMA objectives (the
-        direction u, infoSAM's gap m - g): kept, because a fresh full-size
-        temporary each step costs more in page faults than the pass that fills it."""
-        if self.direction_scratch is None or len(self.direction_scratch) != slots:
-            self.direction_scratch = list(torch.zeros(slots, self.numel, dtype=torch.float32, device=self.device))
-        return self.direction_scratch
 
     def ensure_grad_ema_prev(self):
         if self.grad_ema_prev is None:

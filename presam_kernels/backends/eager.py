@@ -1,7 +1,11 @@
 """Eager PyTorch backend: the CPU path and the readable reference.
 
-Every verb works on the per-bucket ``Table``s with ``torch._foreach_*`` ops,
-one call per op over all rows (one row per bucket and group when flattened).
+Every verb works on the per-bucket ``Table``s with ``torch._foreach_*`` ops.
+``perturb`` runs in batches of at most ``PIECE`` elements (rows above that
+cut into slices, small rows grouped), each through the whole formula before
+the next, twice: once for the global norm, once more (recomputing u and c)
+to write x + e.  So its temporaries stay a few MB whatever the model's size,
+and the optimizer holds only the state the variant needs (README, "Memory").
 Scalars that depend on the data (the norm, the scale, the overflow flag, the
 EMA-ready flag) stay device tensors: on an accelerator nothing here reads a
 tensor on the host.  On the CPU, which runs ops synchronously, the overflow
@@ -12,15 +16,78 @@ c constraint diagonal, e = rho * c^2 * u / (||c u|| + eps_norm).
 """
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass, field
+
 import torch
 
+from ..buckets import _non_overlapping_and_dense
 from ..preconditioners import Constraint, Objective, Preconditioner
 
 name = "eager"
 
+# Elements per batch of perturb's work.  Its temporaries (an fp32 copy of a
+# bf16 gradient and parameter, u, c, c u, the fp32 result of a bf16 x + e)
+# are at most ~8 fp32 values per element of a batch: 8 MB at 2^18, against
+# 14 B per element of the whole model when a batch was a whole bucket.
+# ResNet-50 set, infoSAM, fp32, the shared 2-core CPU at load ~14 (noisy),
+# step time against the unbatched code in paired alternating runs (median
+# of 16-20): 2^14 3.2x, 2^16 1.4x, 2^18 1.2x, 2^20 1.4x, 2^22 1.5x; 2^18
+# with the factors made once per table (not per batch) and the reused
+# scratch: 1.10x (SAM 1.04x); at load ~5: 1.07x, flatten=True 0.85x
+# (SAM 0.97x, 0.99x).
+PIECE = 1 << 18
+# The same on accelerators (FSDP2 shards take this backend on GPUs), where
+# each op of a batch is a launch (~5 us): at ~180 B per element over the
+# formula's ~15 ops and ~3 TB/s, batches below ~1M elements are launch-bound.
+# 2^22 (temporaries up to ~128 MB) is that estimate, not a measurement yet.
+PIECE_ACCELERATOR = 1 << 22
+
+
+def _piece(device: torch.device) -> int:
+    return PIECE if device.type == "cpu" else PIECE_ACCELERATOR
+
+
+def _makes_temporaries(spec: Preconditioner, dtype: torch.dtype) -> bool:
+    """Whether the formula needs temporaries for this bucket: not for plain
+    SAM on fp32 (u = c u = g), which then runs as one batch (no extra calls)."""
+    return dtype != torch.float32 or spec.objective is not Objective.GRADIENT or spec.constraint is not Constraint.NONE
+
 
 def _fp32(tensors):
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
+
+
+class _Scratch:
+    """fp32 buffers of one ``perturb`` call that every batch reuses, carved
+    into views shaped and strided like the batch's rows: a fresh temporary
+    per batch is fresh memory to the OS, and its first touch page-faults
+    (ResNet-50 set, infoSAM, against the unbatched step in paired runs:
+    1.54x and 1.67x with fresh ones, 1.10x and 1.11x with these)."""
+
+    ALIGN = 16  # elements: views start 64-byte aligned, as bucket slices do
+
+    def __init__(self):
+        self.flats = {}
+
+    def like(self, slot, tensors):
+        """A view per tensor (fp32, same shape and strides), from buffer ``slot``;
+        a fresh tensor where the buffer is full or the tensor is not dense."""
+        if not tensors:
+            return []
+        device = tensors[0].device
+        key = (device, slot)
+        if key not in self.flats:
+            self.flats[key] = torch.empty(_piece(device) + 64 * self.ALIGN, dtype=torch.float32, device=device)
+        flat, offset, out = self.flats[key], 0, []
+        for t in tensors:
+            n = t.numel()
+            if offset + n <= flat.numel() and _non_overlapping_and_dense(t):
+                out.append(flat.as_strided(t.shape, t.stride(), offset))
+                offset += (n + self.ALIGN - 1) // self.ALIGN * self.ALIGN
+            else:
+                out.append(torch.empty_like(t, dtype=torch.float32))
+        return out
 
 
 def _direction(spec: Preconditioner, g, m, first, scratch):
@@ -61,18 +128,17 @@ def _direction(spec: Preconditioner, g, m, first, scratch):
 
 def _direction_known_ready(spec: Preconditioner, g, m, scratch):
     """_direction when the host knows the EMA is running (``first`` False, as
-    on the CPU), in as few passes as torch allows: ``scratch[0]`` receives u,
-    infoSAM's ``scratch[1]`` the gap m_old - g (3 passes, against 7 with the
-    blended formulas), and m_new is returned as a callable that writes it
-    into m in one more pass (ResNet-50 set: 12 B per element less than
-    recomputing the gap there)."""
-    u = scratch[0]
+    on the CPU), in as few passes as torch allows: u, and infoSAM's gap
+    m_old - g (3 passes, against 7 with the blended formulas), with m_new
+    returned as a callable that writes it into m in one more pass.  u and
+    the gap are views of ``scratch``, valid until its next batch."""
+    u = scratch.like(0, g)
     if spec.objective is Objective.EMA:
         for s, mi, gi in zip(u, m, g):
             torch.lerp(mi, gi, spec.ema_weight, out=s)  # m + theta (g - m)
         return u, u
     alpha = 1.0 - spec.ema_weight
-    gap = scratch[1]
+    gap = scratch.like(1, g)
     for s, d, mi, gi in zip(u, gap, m, g):
         torch.sub(mi, gi, out=d)
         torch.addcmul(_ONE, d, d, value=alpha * alpha / spec.delta, out=s)  # 1 + belief / delta
@@ -122,13 +188,6 @@ def _mul_where(c, u):
     return out
 
 
-def _sum_of_squares(tensors, device):
-    if not tensors:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    norms = torch._foreach_norm(tensors)
-    return torch.stack(norms).float().square().sum()
-
-
 def unscale_(tables, inv_scale, found_inf):
     """Divide the gradients by the loss scale in place, recording overflow in
     ``found_inf`` (a 1-element fp32 tensor per device, as GradScaler keeps)."""
@@ -140,35 +199,93 @@ def unscale_(tables, inv_scale, found_inf):
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
 
 
-def _like_rows(bucket, table, flat):
-    """Each row's slice of a bucket-sized flat buffer, shaped like the row."""
-    if table.members is not None:
-        views = bucket.views(flat)  # cached: no per-step views of per-parameter rows
-        return [views[i] for i in table.members]
-    return [flat.as_strided(t.size(), t.stride(), flat.storage_offset() + off)
-            for t, off in zip(table.grad_emas, table.offsets)]
+@dataclass
+class _Batch:
+    """At most ``PIECE`` elements of one table: whole rows, or slices of a row
+    (1-D, in memory order), with the row's metadata.  ``saved`` is the backup,
+    or out of place the adversarial buffer; ``grad_emas`` None without EMA."""
+
+    out_of_place: bool
+    grad_emas: list | None
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    saved: list = field(default_factory=list)
+    group_index: list = field(default_factory=list)
+    is_weight: list = field(default_factory=list)
+    perturbed: list = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.params)
+
+
+def _batches(table, piece):
+    """``table`` cut into batches of at most ``piece`` elements; a row too
+    big for one batch is cut into slices of that many elements."""
+    saved = table.adversarials if table.out_of_place else table.backups
+    emas = table.grad_emas
+    batch, size = _Batch(table.out_of_place, None if emas is None else []), 0
+    for i in range(len(table)):
+        row = [table.params[i], table.grads[i], saved[i]] + ([emas[i]] if emas is not None else [])
+        for part in _slices(row, piece):
+            n = part[0].numel()
+            if size and size + n > piece:
+                yield batch
+                batch, size = _Batch(table.out_of_place, None if emas is None else []), 0
+            batch.params.append(part[0])
+            batch.grads.append(part[1])
+            batch.saved.append(part[2])
+            if emas is not None:
+                batch.grad_emas.append(part[3])
+            batch.group_index.append(table.group_index[i])
+            batch.is_weight.append(table.is_weight[i])
+            batch.perturbed.append(table.perturbed[i])
+            size += n
+    if len(batch):
+        yield batch
+
+
+def _slices(row, piece):
+    """Same-index slices of ``piece`` elements of the row's tensors (param,
+    grad, saved[, EMA]), or the row whole when it is small or its tensors do
+    not share one dense layout (a gradient strided unlike its parameter:
+    rare; that row's temporaries are then row-sized)."""
+    first = row[0]
+    n = first.numel()
+    if n <= piece or any(t.shape != first.shape or t.stride() != first.stride() for t in row) \
+            or not _non_overlapping_and_dense(first):
+        return [row]
+    flat = [t.as_strided((n,), (1,), t.storage_offset()) for t in row]  # memory order, same for all
+    return [[f[start:start + piece] for f in flat] for start in range(0, n, piece)]
+
+
+def _terms(spec: Preconditioner, batch, first, scratch):
+    """(c, c u, m_new) of one batch: temporaries sized like the batch."""
+    g = _fp32(batch.grads)
+    u, m_new = _direction(spec, g, batch.grad_emas, first, scratch)
+    c = _constraint(spec, batch, g)
+    return c, _mul_where(c, u), m_new
 
 
 def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     """x <- x + e for every row (one global norm over all tables), backup <- x,
     EMA <- m_new (out-of-place tables: adversarial <- x + e instead).  A
     non-finite norm or ``found_inf`` > 0 perturbs nothing and keeps the EMA.
-    Returns (norm, skipped) as 0-d fp32/bool device tensors."""
+    Returns (norm, skipped) as 0-d fp32/bool device tensors.
+
+    Two passes over the batches: the norm, then c and u computed again (the
+    same ops, so the same bits) to write x + e: recomputing costs less than
+    keeping c u for the whole model (4-12 B per element) between the passes."""
     device = buckets[0].device
     if device.type == "cpu" and isinstance(first, torch.Tensor):
         first = bool(first)  # synchronous device: reading the flag stalls nothing
-    work, partials = [], []
-    for table, bucket in zip(tables, buckets):
-        g = _fp32(table.grads)
-        scratch = None
-        if first is False and spec.objective.has_state and len(table):
-            slots = bucket.ensure_direction_scratch(2 if spec.objective is Objective.INFO else 1)
-            scratch = [_like_rows(bucket, table, flat) for flat in slots]
-        u, m_new = _direction(spec, g, table.grad_emas, first, scratch)
-        c = _constraint(spec, table, g)
-        cu = _mul_where(c, u)
-        work.append((c, cu, m_new))
-        partial = _sum_of_squares(cu, table.params[0].device if len(table) else buckets[0].device)
+    partials, scratch = [], _Scratch()
+    pieces = [_piece(b.device) if _makes_temporaries(spec, b.dtype) else sys.maxsize for b in buckets]
+    for table, bucket, piece in zip(tables, buckets, pieces):
+        row_device = table.params[0].device if len(table) else bucket.device
+        norms = []  # per row or slice, as torch._foreach_norm gives them
+        for batch in _batches(table, piece):
+            norms += torch._foreach_norm(_terms(spec, batch, first, scratch)[1])
+        partial = _sum_of_squares(norms, row_device)
         if table.reduce_sum_of_squares is not None:
             partial = table.reduce_sum_of_squares(partial)
         partials.append(partial.to(device))
@@ -181,65 +298,76 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
         eps = spec.eps_norm * (first + (1.0 - first) * spec.delta)
     scale = torch.where(skipped, 0.0, 1.0 / (norm + eps))
 
-    for table, (c, cu, m_new) in zip(tables, work):
-        if len(table):
-            _apply(table, c, cu, m_new, scale, skipped, rhos)
+    for table, piece in zip(tables, pieces):
+        if not len(table):
+            continue
+        row_device = table.params[0].device
+        row_skipped = skipped.to(row_device)
+        # A CPU runs ops synchronously, so reading the flag stalls nothing there;
+        # elsewhere the flag stays on the device and selects element-wise.
+        skip_now = row_device.type == "cpu" and bool(row_skipped)
+        factor = {k: scale.to(row_device) * rhos[k] for k in set(table.group_index)}  # rho / (||c u|| + eps)
+        for batch in _batches(table, piece):
+            c, cu, m_new = ([None] * len(batch), None, None) if skip_now else _terms(spec, batch, first, scratch)
+            _apply(batch, c, cu, m_new, factor, row_skipped, skip_now)
     return norm, skipped
 
 
-def _apply(table, c, cu, m_new, scale, skipped, rhos):
-    """One table's share of the step: EMA <- m_new, backup <- x, x <- x + e,
-    unless ``skipped``.  Out of place: adversarial <- x + e (x when skipped),
-    x and the backup untouched."""
-    device = table.params[0].device
-    skipped = skipped.to(device)
-    # A CPU runs ops synchronously, so reading the flag stalls nothing there;
-    # elsewhere the flag stays on the device and selects element-wise.
+def _sum_of_squares(norms, device):
+    if not norms:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(norms).float().square().sum()
+
+
+def _apply(batch, c, cu, m_new, factor, skipped, skip_now):
+    """One batch's share of the step: EMA <- m_new, backup <- x, x <- x + e,
+    unless ``skipped`` (``skip_now``: known on the host).  Out of place:
+    adversarial <- x + e (x when skipped), x and the backup untouched.
+    ``factor[k]``: group k's rho / (||c u|| + eps), a device tensor."""
+    device = batch.params[0].device
     on_host = device.type == "cpu"
-    skip_now = on_host and bool(skipped)
     if m_new is not None and not skip_now:
         if callable(m_new):
-            m_new(table.grad_emas)
+            m_new(batch.grad_emas)
         elif on_host:
-            torch._foreach_copy_(table.grad_emas, m_new)
+            torch._foreach_copy_(batch.grad_emas, m_new)
         else:
-            for m, new in zip(table.grad_emas, m_new):
+            for m, new in zip(batch.grad_emas, m_new):
                 torch.where(skipped, m, new, out=m)
-    rows = [i for i in range(len(table)) if table.perturbed[i]]
+    rows = [i for i in range(len(batch)) if batch.perturbed[i]]
     if not rows:
         return
-    params = [table.params[i] for i in rows]
-    if table.out_of_place:
-        targets, originals = [table.adversarials[i] for i in rows], params
+    params = [batch.params[i] for i in rows]
+    if batch.out_of_place:
+        targets, originals = [batch.saved[i] for i in rows], params
         if skip_now:
             torch._foreach_copy_(targets, params)
             return
     else:
-        backups = [table.backups[i] for i in rows]
+        backups = [batch.saved[i] for i in rows]
         torch._foreach_copy_(backups, params)
         targets, originals = params, backups
         if skip_now:
             return
     target_of = dict(zip(rows, targets))
     # e = (rho * scale) * c * (c u): one fused multiply-add per row, in fp32
-    # whatever x's dtype, with no temporary (CPU: a fresh 100 MB temporary
-    # costs more in page faults than the whole add).  Out of place it writes
-    # x + e straight into the adversarial slice: the same multiply-add, so the
-    # same bits, without first copying x there (8 B per element less).
-    factor = {k: scale.to(device) * rhos[k] for k in {table.group_index[i] for i in rows}}
+    # whatever x's dtype.  Out of place it writes x + e straight into the
+    # adversarial slice: the same multiply-add, so the same bits, without
+    # first copying x there (8 B per element less).
     scaled = [i for i in rows if c[i] is not None]
     if scaled:
-        torch._foreach_mul_([cu[i] for i in scaled], [factor[table.group_index[i]] for i in scaled])
-    operands = {i: (cu[i], factor[table.group_index[i]]) if c[i] is None else (c[i], cu[i]) for i in rows}
-    if table.out_of_place:
+        torch._foreach_mul_([cu[i] for i in scaled], [factor[batch.group_index[i]] for i in scaled])
+    operands = {i: (cu[i], factor[batch.group_index[i]]) if c[i] is None else (c[i], cu[i]) for i in rows}
+    if batch.out_of_place:
         for i in rows:
-            torch.addcmul(table.params[i], *operands[i], out=target_of[i])
+            torch.addcmul(batch.params[i], *operands[i], out=target_of[i])
     else:
         torch._foreach_addcmul_(params, [operands[i][0] for i in rows], [operands[i][1] for i in rows])
     if not on_host:
         # 0 * inf is NaN: a skipped step must leave x (or its copy) as it was, bit for bit.
         for t, o in zip(targets, originals):
             torch.where(skipped, o, t, out=t)
+
 
 def restore(tables):
     """x <- backup, bit for bit, for every perturbed row (nothing to copy out of place)."""
