@@ -26,6 +26,16 @@ OBJECTIVE_CODE = {Objective.GRADIENT: 0, Objective.EMA: 1, Objective.INFO: 2}
 CONSTRAINT_CODE = {Constraint.NONE: 0, Constraint.ADAPTIVE: 1, Constraint.ASAM: 2, Constraint.FISHER: 3}
 
 
+def variant_constexprs(objective: Objective, constraint: Constraint, first_step: bool) -> dict:
+    """The switches K1 and K2 share. A variant without an EMA has no later
+    step to tell apart: FIRST_STEP is set, so that it names one kernel."""
+    return dict(
+        OBJECTIVE=OBJECTIVE_CODE[objective],
+        CONSTRAINT=CONSTRAINT_CODE[constraint],
+        FIRST_STEP=first_step or objective is Objective.GRADIENT,
+    )
+
+
 @triton.jit
 def load_first(first_ptr, OBJECTIVE: tl.constexpr, FIRST_STEP: tl.constexpr):
     """1.0 while the EMA has had no successful step (read from the device), 0.0
