@@ -57,14 +57,16 @@ def device():
 
 
 # PRESAM_ALL_CASES=1 (`make test-all-cases`, run by .ci/run after `make test`):
-# only the interpreted Triton cases that `make test` skips as not core.
+# only the interpreted Triton cases that `make test` skips as not core, and the
+# codegen test over every specialization (tests/test_codegen.py).
 ALL_CASES = os.environ.get("PRESAM_ALL_CASES", "") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
     if not ALL_CASES:
         return
-    kept = [item for item in items if "core_case" in getattr(item, "fixturenames", ())]
+    wanted = {"core_case", "codegen_report"}  # the codegen test compiles every specialization then
+    kept = [item for item in items if wanted & set(getattr(item, "fixturenames", ()))]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = kept
 

@@ -53,27 +53,38 @@ def _domain(hint) -> tuple:
     raise TypeError(f"a switch annotated {hint!r} has no domain to enumerate: give it one in codegen._domain")
 
 
-def specializations(module) -> list[dict]:
-    """Every distinct constexpr dict ``module.constexprs`` returns: the
-    product of its annotated switches' domains; launch constants (parameters
-    with a default) keep the GPU values they default to."""
+def specializations(module, every: bool = True) -> list[dict]:
+    """The distinct constexpr dicts ``module.constexprs`` returns: with
+    ``every``, over the product of its annotated switches' domains; else over
+    a covering set (each value of each switch at least once, all switches
+    moving together: a few kernels, for the quick run of ``make test``).
+    Launch constants (parameters with a default) keep their GPU values."""
     sig = inspect.signature(module.constexprs)
     hints = typing.get_type_hints(module.constexprs)
     switches = [name for name, p in sig.parameters.items() if p.default is inspect.Parameter.empty]
+    domains = [_domain(hints[name]) for name in switches]
+    if every:
+        combos = itertools.product(*domains)
+    else:
+        width = max(len(d) for d in domains)
+        combos = [tuple(d[(i + k) % len(d)] for k, d in enumerate(domains)) for i in range(width)]
+        combos += [tuple(d[-1 - ((i + k) % len(d))] for k, d in enumerate(domains)) for i in range(width)]
     seen = {}
-    for values in itertools.product(*(_domain(hints[name]) for name in switches)):
+    for values in combos:
         consts = module.constexprs(**dict(zip(switches, values)))
         seen.setdefault(tuple(sorted(consts.items())), consts)
     return list(seen.values())
 
 
-def jobs() -> list[tuple[str, dict, str]]:
-    """(kernel name, constexprs, parameter dtype) of every specialization."""
+def jobs(every: bool = True) -> list[tuple[str, dict, str]]:
+    """(kernel name, constexprs, parameter dtype) of every specialization (or
+    of a covering set, see ``specializations``), in each dtype the kernel's
+    launcher takes (``PARAM_DTYPES`` of the module, else all)."""
     return [
         (name, consts, dtype)
         for name, module in KERNEL_MODULES.items()
-        for consts in specializations(module)
-        for dtype in PARAM_DTYPES
+        for consts in specializations(module, every)
+        for dtype in getattr(module, "PARAM_DTYPES", PARAM_DTYPES)
     ]
 
 
@@ -192,10 +203,10 @@ def compile_one(job: tuple, arch: int) -> dict:
     return record
 
 
-def run(archs, workers: int = 1) -> list:
-    """Compile every specialization for every arch in ``archs``; one process
-    per worker, each taking an even share (the JIT imports are paid once each)."""
-    todo = [(job, arch) for arch in archs for job in jobs()]
+def run(archs, workers: int = 1, every: bool = True) -> list:
+    """Compile every specialization (see ``jobs``) for every arch in ``archs``;
+    one process per worker, each taking an even share (imports paid once each)."""
+    todo = [(job, arch) for arch in archs for job in jobs(every)]
     if workers <= 1:
         return [compile_one(job, arch) for job, arch in todo]
     shares = [todo[k::workers] for k in range(workers)]
@@ -230,6 +241,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--covering", action="store_true", help="a covering set, not every specialization")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -238,10 +250,12 @@ def main(argv=None):
     import triton
 
     start = time.perf_counter()
-    records = [] if missing else run(args.arch, args.workers)
+    records = [] if missing else run(args.arch, args.workers, every=not args.covering)
     with open(args.out, "w") as f:
         json.dump(
-            dict(triton=triton.__version__, skipped=missing, seconds=time.perf_counter() - start, records=records), f
+            dict(triton=triton.__version__, every=not args.covering, skipped=missing, seconds=time.perf_counter() - start,
+                 records=records),
+            f,
         )
 
 

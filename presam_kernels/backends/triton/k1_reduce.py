@@ -86,14 +86,16 @@ def _reduce_kernel(
         full = length // BLOCK
         chunk = first_chunk(pid, num_programs, chunk_start)
         while chunk < full:  # whole chunks, unmasked (so loads vectorise)
+            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
             acc = _reduce_chunk(
-                acc, chunk * BLOCK + lanes, length, g_ptr, x_ptr, m_ptr, is_weight, first,
+                acc, lanes, length - start, g_ptr + start, x_ptr + start, m_ptr + start, is_weight, first,
                 ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, False,
             )
             chunk += num_programs
         if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
+            start = chunk * BLOCK
             acc = _reduce_chunk(
-                acc, chunk * BLOCK + lanes, length, g_ptr, x_ptr, m_ptr, is_weight, first,
+                acc, lanes, length - start, g_ptr + start, x_ptr + start, m_ptr + start, is_weight, first,
                 ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, True,
             )
         r += 1

@@ -138,14 +138,18 @@ def _perturb_kernel(
             full = tl.where(perturbed, full, -1)
         chunk = first_chunk(pid, num_programs, chunk_start)
         while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
+            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
             _perturb_chunk(
-                chunk * BLOCK + lanes, length, g_ptr, x_ptr, m_ptr, b_ptr, is_weight, perturbed, ok, factor, first,
+                lanes, length - start, g_ptr + start, x_ptr + start, m_ptr + start, b_ptr + start,
+                is_weight, perturbed, ok, factor, first,
                 ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, OUT_OF_PLACE, False,
             )
             chunk += num_programs
         if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
+            start = chunk * BLOCK
             _perturb_chunk(
-                chunk * BLOCK + lanes, length, g_ptr, x_ptr, m_ptr, b_ptr, is_weight, perturbed, ok, factor, first,
+                lanes, length - start, g_ptr + start, x_ptr + start, m_ptr + start, b_ptr + start,
+                is_weight, perturbed, ok, factor, first,
                 ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, OUT_OF_PLACE, True,
             )
         r += 1

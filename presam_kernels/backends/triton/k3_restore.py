@@ -34,10 +34,12 @@ def _restore_kernel(table_ptr, n_rows, backup_ptr, ALIGNED: tl.constexpr, BLOCK:
         full = tl.where((flags & FLAG_PERTURBED) != 0, length // BLOCK, -1)  # -1: skip the row
         chunk = first_chunk(pid, num_programs, chunk_start)
         while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
-            _restore_chunk(x_ptr, b_ptr, chunk * BLOCK + lanes, length, False)
+            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
+            _restore_chunk(x_ptr + start, b_ptr + start, lanes, length - start, False)
             chunk += num_programs
         if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
-            _restore_chunk(x_ptr, b_ptr, chunk * BLOCK + lanes, length, True)
+            start = chunk * BLOCK
+            _restore_chunk(x_ptr + start, b_ptr + start, lanes, length - start, True)
         r += 1
 
 

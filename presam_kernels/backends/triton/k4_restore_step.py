@@ -125,20 +125,24 @@ def _restore_step_kernel(
         full = length // BLOCK
         chunk = first_chunk(pid, num_programs, chunk_start)
         while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
+            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
             _step_chunk(
-                chunk * BLOCK + lanes, length, x_ptr, src_ptr, g_ptr, s1_ptr, s2_ptr,
+                lanes, length - start, x_ptr + start, src_ptr + start, g_ptr + start, s1_ptr + start, s2_ptr + start,
                 h0, h1, h2, h3, h4, h5, h6, h7, h8, KIND, False,
             )
             chunk += num_programs
         if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
+            start = chunk * BLOCK
             _step_chunk(
-                chunk * BLOCK + lanes, length, x_ptr, src_ptr, g_ptr, s1_ptr, s2_ptr,
+                lanes, length - start, x_ptr + start, src_ptr + start, g_ptr + start, s1_ptr + start, s2_ptr + start,
                 h0, h1, h2, h3, h4, h5, h6, h7, h8, KIND, True,
             )
         r += 1
 
 
 KERNEL = _restore_step_kernel
+# fp64 buckets take torch's own step (restore_and_step declines them).
+PARAM_DTYPES = ("fp32", "bf16", "fp16")
 ARGUMENTS = dict(  # see k1_reduce.ARGUMENTS
     table_ptr="*i64", n_rows="i32", backup_ptr="*PARAM", hyper_ptr="*fp32", state1_ptr="*PARAM", state2_ptr="*PARAM"
 )
