@@ -40,8 +40,8 @@ $(T39)/.installed: $(STAMP)
 	touch $@
 
 test-triton-next: $(T39)/.installed
-	OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q tests/test_triton_backend.py tests/test_fused_step.py \
-		tests/test_codegen.py
+	OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q tests/test_triton_backend.py tests/test_fused_step.py
+	PRESAM_ALL_CASES=1 OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q tests/test_codegen.py
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
