@@ -4,7 +4,7 @@ shared memory, the width of the hot loops' global accesses, and the occupancy
 each implies on an H100; then which launch constants that data supports.
 
     PYTHONPATH=. python3 bench/codegen.py            # compiles (a few minutes on 2 cores), writes bench/codegen.md
-    PYTHONPATH=. python3 bench/codegen.py --json r.json   # from a saved codegen run
+    PYTHONPATH=. python3 bench/codegen.py --json a.json b.json   # from saved codegen runs
 """
 from __future__ import annotations
 
@@ -42,6 +42,29 @@ def programs_per_sm(regs: int, warps: int, shared: int) -> int:
 
 def occupancy(regs: int, warps: int, shared: int) -> float:
     return programs_per_sm(regs, warps, shared) * warps / H100["max_warps"]
+
+
+def describe(run: dict) -> str:
+    what = "every specialization" if run.get("every", True) else "a covering set (every value of every switch)"
+    if run.get("kernels"):
+        what += " of " + ", ".join(run["kernels"])
+    if run.get("dtypes"):
+        what += " in " + ", ".join(run["dtypes"])
+    return what + " for " + ", ".join(f"sm_{a}" for a in sorted({r["arch"] for r in run["records"]}))
+
+
+def merge(runs: list) -> dict:
+    """One report's data from several codegen runs (of one Triton version)."""
+    seen = {}
+    for run in runs:
+        for r in run["records"]:
+            seen[(r["kernel"], json.dumps(r["constexprs"], sort_keys=True), r["dtype"], r["arch"])] = r
+    return dict(
+        triton=runs[0]["triton"],
+        skipped=next((run["skipped"] for run in runs if run.get("skipped")), None),
+        what="; ".join(describe(run) for run in runs),
+        records=list(seen.values()),
+    )
 
 
 def compile_all() -> dict:
@@ -89,10 +112,10 @@ def render(data: dict, before: dict | None = None) -> str:
     lines = [
         "# Kernel code generation (ahead of time, no GPU)",
         "",
-        f"Written by `bench/codegen.py` from Triton {data['triton']}: every specialization the launchers can "
-        f"produce ({len(data['records'])} kernels: "
+        f"Written by `bench/codegen.py` from Triton {data['triton']}: {data['what']} "
+        f"({len(data['records'])} kernels: "
         + ", ".join(f"{n} {sum(r['kernel'] == n for r in data['records'])}" for n in KERNEL_MODULES)
-        + ") compiled for sm_80 and sm_90. "
+        + "). "
         f"{len(errors)} failed to compile. Registers and spills from `ptxas -v`; access widths from the PTX "
         "(`ld/st.global[.vN]`, bits per instruction) of the hot loop (a row's unmasked chunks); occupancy: "
         "resident warps / 64 on an H100 SM at the kernel's registers, warps and shared memory.",
@@ -143,8 +166,11 @@ def render(data: dict, before: dict | None = None) -> str:
             continue
         k2 = ks[("K2", "bf16")]
         shared = k2["static_shared"] + k2["dynamic_shared"]
+        def regs(key):
+            return ks[key]["regs"] if key in ks else "-"
+
         lines.append(
-            f"| {cls} | {ks[('K1', 'fp32')]['regs']} | {ks[('K2', 'fp32')]['regs']} | {before_fp32.get(cls, '-')} "
+            f"| {cls} | {regs(('K1', 'fp32'))} | {regs(('K2', 'fp32'))} | {before_fp32.get(cls, '-')} "
             f"| {k2['regs']} | {before_bf16.get(cls, '-')} | {programs_per_sm(k2['regs'], k2['num_warps'], shared)} "
             f"({round(100 * occupancy(k2['regs'], k2['num_warps'], shared))}%) |"
         )
@@ -195,18 +221,18 @@ def render(data: dict, before: dict | None = None) -> str:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--json", help="a saved run of presam_kernels.backends.triton.codegen")
+    parser.add_argument("--json", nargs="+", help="saved runs of presam_kernels.backends.triton.codegen")
     parser.add_argument(
         "--before", default=os.path.join(ROOT, "bench", "codegen_k2_before.json"),
         help="K2's registers per variant class in an earlier kernel version (JSON)",
     )
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "codegen.md"))
     args = parser.parse_args()
-    if args.json:
-        with open(args.json) as f:
-            data = json.load(f)
-    else:
-        data = compile_all()
+    runs = []
+    for path in args.json or []:
+        with open(path) as f:
+            runs.append(json.load(f))
+    data = merge(runs or [compile_all()])
     if data.get("skipped"):
         sys.exit(f"nothing compiled: {data['skipped']}")
     before = None

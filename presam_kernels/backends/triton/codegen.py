@@ -203,10 +203,11 @@ def compile_one(job: tuple, arch: int) -> dict:
     return record
 
 
-def run(archs, workers: int = 1, every: bool = True) -> list:
-    """Compile every specialization (see ``jobs``) for every arch in ``archs``;
-    one process per worker, each taking an even share (imports paid once each)."""
-    todo = [(job, arch) for arch in archs for job in jobs(every)]
+def run(archs, workers: int = 1, every: bool = True, keep=lambda job: True) -> list:
+    """Compile every specialization (see ``jobs``; those ``keep`` keeps) for
+    every arch in ``archs``; one process per worker, each taking an even share
+    (imports paid once each)."""
+    todo = [(job, arch) for arch in archs for job in jobs(every) if keep(job)]
     if workers <= 1:
         return [compile_one(job, arch) for job, arch in todo]
     shares = [todo[k::workers] for k in range(workers)]
@@ -242,6 +243,8 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--covering", action="store_true", help="a covering set, not every specialization")
+    parser.add_argument("--kernels", nargs="+", help="only these kernels (K1 ... K4)")
+    parser.add_argument("--dtypes", nargs="+", help="only these parameter dtypes")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -250,11 +253,14 @@ def main(argv=None):
     import triton
 
     start = time.perf_counter()
-    records = [] if missing else run(args.arch, args.workers, every=not args.covering)
+    def keep(job):
+        return (not args.kernels or job[0] in args.kernels) and (not args.dtypes or job[2] in args.dtypes)
+
+    records = [] if missing else run(args.arch, args.workers, every=not args.covering, keep=keep)
     with open(args.out, "w") as f:
         json.dump(
-            dict(triton=triton.__version__, every=not args.covering, skipped=missing, seconds=time.perf_counter() - start,
-                 records=records),
+            dict(triton=triton.__version__, every=not args.covering, kernels=args.kernels, dtypes=args.dtypes,
+                 skipped=missing, seconds=time.perf_counter() - start, records=records),
             f,
         )
 

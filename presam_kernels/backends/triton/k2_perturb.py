@@ -104,10 +104,10 @@ def _perturb_kernel(
     # The global norm, identically in every program (same lanes, same order).
     slots = tl.arange(0, PARTIALS_BLOCK)
     sums = tl.zeros([PARTIALS_BLOCK], dtype=tl.float32)
-    start = 0
-    while start < n_partials:  # while, not range: see table.py on the interpreter
-        sums += tl.load(partials_ptr + start + slots, mask=start + slots < n_partials, other=0.0)
-        start += PARTIALS_BLOCK
+    base = 0
+    while base < n_partials:  # while, not range: see table.py on the interpreter
+        sums += tl.load(partials_ptr + base + slots, mask=base + slots < n_partials, other=0.0)
+        base += PARTIALS_BLOCK
     norm = tl.sqrt_rn(tl.sum(sums, axis=0))
     skipped = (norm != norm) | (norm > FLT_MAX)
     if has_found_inf != 0:
