@@ -168,6 +168,9 @@ def compile_one(job: tuple, arch: int) -> dict:
     name, consts, dtype = job
     module = KERNEL_MODULES[name]
     fn = module.KERNEL
+    options = {"num_warps": module.NUM_WARPS}
+    if hasattr(module, "MAX_REGISTERS"):  # as its launcher passes it
+        options["maxnreg"] = module.MAX_REGISTERS
     record = dict(kernel=name, arch=arch, dtype=dtype, constexprs=consts, num_warps=module.NUM_WARPS)
     types = {arg: t.replace("PARAM", dtype) for arg, t in module.ARGUMENTS.items()}
     if set(types) | set(consts) != set(fn.arg_names) or set(types) & set(consts):
@@ -180,7 +183,7 @@ def compile_one(job: tuple, arch: int) -> dict:
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
-            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": module.NUM_WARPS})
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # reported, and failed by the test
         record["error"] = f"{type(e).__name__}: {e}"[:2000]
         return record

@@ -22,6 +22,10 @@ from .table import CHUNK, FLAG_PERTURBED, FLAG_WEIGHT, PARTIALS_BLOCK, as_pointe
 
 # Same work per element as K1 plus the writes; same shape. Not measured yet.
 NUM_WARPS = 4
+# A register cap for ptxas: without one, Triton 3.9's ptxas keeps infoSAM +
+# Fisher (fp32, unaligned, out of place, sm_90) at 96 registers and spills 4 B;
+# with it, 114 and no spill, still 4 programs per SM (bench/codegen.md).
+MAX_REGISTERS = 128
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
@@ -199,5 +203,6 @@ def launch_perturb(
         *spec_args,
         eps_norm,
         num_warps=NUM_WARPS,
+        maxnreg=MAX_REGISTERS,
         **constexprs(*variant, out_of_place, dev_table.aligned, block, partials_block),
     )
