@@ -56,7 +56,7 @@ def device():
     return DEVICE
 
 
-# PRESAM_ALL_CASES=1 (`make test-all-cases`, run by .ci/run after `make test`):
+# PRESAM_ALL_CASES=1 (`make test-all-cases`; .ci/run does not run it yet, see there):
 # only the interpreted Triton cases that `make test` skips as not core, and the
 # codegen test over every specialization (tests/test_codegen.py).
 ALL_CASES = os.environ.get("PRESAM_ALL_CASES", "") == "1"

@@ -8,7 +8,7 @@ compiled ahead of time for sm_80 and sm_90 in one subprocess without
 TRITON_INTERPRET (two workers), its results cached in a temp dir per Triton
 version. ``make test`` compiles a covering set (every value of every switch,
 every dtype: about 120 kernels, ~40 s on 2 cores, seconds when cached);
-PRESAM_ALL_CASES=1 (``make test-all-cases``, ``make test-triton-next``) every
+PRESAM_ALL_CASES=1 (``make test-codegen-all``, ``make test-triton-next``) every
 specialization (about 1000 kernels, ~4-5 min on 2 cores).
 """
 import json
