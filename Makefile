@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean test-all-cases test-codegen-all test-triton-next
 
 $(STAMP): requirements-test.txt setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,34 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests bench --benchmark-disable
 
+# The interpreted Triton cases `make test` leaves out as not core (tests/conftest.py,
+# PRESAM_ALL_CASES). Run by .ci/run after `make test`.
+test-all-cases: $(STAMP)
+	PRESAM_ALL_CASES=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+# The kernels' GPU code for every specialization (make test: a covering set).
+# About 1000 compiles: ~5-8 min on 2 idle cores, seconds when cached. Run by .ci/run.
+test-codegen-all: $(STAMP)
+	PRESAM_ALL_CASES=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_codegen.py
+
+# Triton's newest release (what a current CUDA build of torch pulls) beside the
+# pinned one: .venv-t39 holds only triton==3.9.0, layered over .venv's packages.
+# Creating it takes about 20 s. Run by .ci/run after `make test`.
+T39 := .venv-t39
+$(T39)/.installed: $(STAMP)
+	test -x $(T39)/bin/python || $(PYTHON) -m venv $(T39)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+		> "$$($(T39)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/base-venv.pth"
+	$(T39)/bin/python -m pip install --quiet --no-deps triton==3.9.0
+	$(T39)/bin/python -c 'import triton; assert triton.__version__ == "3.9.0", triton.__version__'
+	touch $@
+
+test-triton-next: $(T39)/.installed
+	OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q tests/test_triton_backend.py tests/test_fused_step.py
+	PRESAM_ALL_CASES=1 OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q tests/test_codegen.py
+
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(T39) .pytest_cache .benchmarks

@@ -57,14 +57,37 @@ def device():
     return DEVICE
 
 
+# PRESAM_ALL_CASES=1 (`make test-all-cases`; .ci/run does not run it yet, see there):
+# only the interpreted Triton cases that `make test` skips as not core, and the
+# codegen test over every specialization (tests/test_codegen.py).
+ALL_CASES = os.environ.get("PRESAM_ALL_CASES", "") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not ALL_CASES:
+        return
+    wanted = {"core_case", "codegen_report"}  # the codegen test compiles every specialization then
+    kept = [item for item in items if wanted & set(getattr(item, "fixturenames", ()))]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+
+
+def non_core_skipped(backend, is_core: bool):
+    """Skip what this run leaves to the other: `make test` runs the core cases
+    of the interpreted Triton backend (about a second per step), PRESAM_ALL_CASES
+    the rest; a GPU, or the eager backend, runs every case in `make test`."""
+    interpreted = backend == "triton" and INTERPRETER
+    if ALL_CASES and not (interpreted and not is_core):
+        pytest.skip("PRESAM_ALL_CASES: `make test` runs this case")
+    if not ALL_CASES and interpreted and not is_core:
+        pytest.skip("Triton interpreter: core cases only here; `make test-all-cases` runs the rest")
+
+
 @pytest.fixture
 def core_case(backend):
-    """``check(is_core)`` skips a non-core case on the interpreted Triton
-    backend: the interpreter takes about a second per step, so on the CPU the
-    triton backend runs each test's core cases only (a GPU runs them all)."""
+    """``check(is_core)``: see ``non_core_skipped``."""
 
     def check(is_core: bool):
-        if backend == "triton" and INTERPRETER and not is_core:
-            pytest.skip("Triton interpreter: core cases only; a GPU runs every case")
+        non_core_skipped(backend, is_core)
 
     return check

@@ -80,11 +80,6 @@ def run(variant, backend, flatten, perturb, steps=3, between=None):
     return model, opt, grads
 
 
-def skip_slow(backend, variant):
-    if backend == "triton" and variant not in TRITON_CORE and DEVICE.type == "cpu":
-        pytest.skip("Triton interpreter: core variants only")
-
-
 def test_perturb_argument_is_validated():
     with pytest.raises(ValueError, match="perturb must be one of"):
         SAM([torch.zeros(3, requires_grad=True)], torch.optim.SGD, lr=0.1, perturb="sideways")
@@ -93,8 +88,8 @@ def test_perturb_argument_is_validated():
 @MODES
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_out_of_place_equals_in_place_bit_for_bit(variant, backend, flatten):
-    skip_slow(backend, variant)
+def test_out_of_place_equals_in_place_bit_for_bit(variant, backend, flatten, core_case):
+    core_case(variant in TRITON_CORE)
     a, opt_a, grads_a = run(variant, backend, flatten, "in_place")
     b, opt_b, grads_b = run(variant, backend, flatten, "out_of_place")
     for k, (p, q) in enumerate(zip(a.parameters(), b.parameters())):

@@ -23,7 +23,6 @@ import torch
 from .. import eager
 from ...preconditioners import Objective, Preconditioner
 from . import k1_reduce, k2_perturb, k3_restore, k4_restore_step
-from .precondition import CONSTRAINT_CODE, OBJECTIVE_CODE
 from .table import (
     device_table,
     hyper_tensor,
@@ -66,7 +65,7 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     device = buckets[0].device
     dev_tables = None
     if all(b.device == device for b in buckets) and supported_device(device):
-        programs, chunk = launch_config(device)
+        programs, chunk, partials_block = launch_config(device)
         dev_tables = _device_tables(tables, buckets, spec, chunk)
     if dev_tables is None:
         for table in tables:
@@ -93,11 +92,7 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
         first_t = first.to(device=device, dtype=torch.float32)
     else:
         first_t = torch.full((), float(first), dtype=torch.float32, device=device)
-    switches = dict(
-        OBJECTIVE=OBJECTIVE_CODE[spec.objective],
-        CONSTRAINT=CONSTRAINT_CODE[spec.constraint],
-        FIRST_STEP=first_step,
-    )
+    variant = (spec.objective, spec.constraint, first_step)
     spec_args = (spec.ema_weight, 1.0 - spec.ema_weight, 1.0 - spec.ema_weight, spec.delta, spec.eta)
     n_partials = programs * len(active)
     partials = partials_buffer(device, n_partials)
@@ -112,12 +107,13 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
 
     for k, (table, bucket, dev) in enumerate(active):
         backup, ema, first_arg = state(table, bucket)
-        k1_reduce.launch_reduce(dev, backup, ema, first_arg, partials, k * programs, programs, chunk, spec_args, switches)
+        k1_reduce.launch_reduce(dev, backup, ema, first_arg, partials, k * programs, programs, chunk, spec_args, variant)
     for k, (table, bucket, dev) in enumerate(active):
         backup, ema, first_arg = state(table, bucket)
         k2_perturb.launch_perturb(
             dev, backup, ema, first_arg, partials, n_partials, rho, found_inf, norm, skipped,
-            programs, chunk, spec_args, spec.eps_norm, switches, write_norm=k == 0, out_of_place=table.out_of_place,
+            programs, chunk, spec_args, spec.eps_norm, variant, write_norm=k == 0, out_of_place=table.out_of_place,
+            partials_block=partials_block,
         )
         table.backend_state = (dev, backup, programs, chunk)
     return norm, skipped.view(torch.bool)
@@ -149,7 +145,9 @@ def restore_and_step(tables, buckets, update) -> bool:
         return False
     if len(tables) != len(buckets) or len(update.state) != len(buckets):
         return False
-    programs, chunk = launch_config(device)
+    if any(b.dtype == torch.float64 for b in buckets):
+        return False  # K4 computes in fp32 from fp32 hyperparameters: fp64 takes torch's own step
+    programs, chunk, _ = launch_config(device)
     dev_tables = []
     for table, bucket in zip(tables, buckets):
         if not len(table):
@@ -161,7 +159,7 @@ def restore_and_step(tables, buckets, update) -> bool:
         if dev is None:
             return False
         dev_tables.append(dev)
-    hyper = hyper_tensor(update.hyper, k4_restore_step.HYPER_WIDTH, device)
+    hyper = hyper_tensor(update.hyper, k4_restore_step.HYPER_WIDTH.value, device)
     keys = {"sgd": ("momentum_buffer", None), "adam": ("exp_avg", "exp_avg_sq")}[update.kind]
     for table, bucket, dev, flats in zip(tables, buckets, dev_tables, update.state):
         if dev is None or not dev.n_rows:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .precondition import ASAM, ADAPTIVE, GRADIENT, load_first, precondition
-from .table import FLAG_WEIGHT, as_pointer, first_chunk, load_row
+from ...preconditioners import Constraint, Objective
+from .precondition import ASAM, ADAPTIVE, GRADIENT, load_first, precondition, variant_constexprs
+from .table import CHUNK, FLAG_WEIGHT, as_pointer, first_chunk, load_row
 
 # 4 warps x 32 threads x 8 elements = one 1024-element chunk per step. Not
 # measured yet; to be tuned on the GPU together with table.CHUNK.
@@ -31,8 +32,10 @@ def _reduce_chunk(
     if CONSTRAINT == ADAPTIVE:
         x = tl.load(x_ptr + idx, mask=mask, other=other).to(tl.float32)
     elif CONSTRAINT == ASAM:  # c = 1 on non-weight rows: x not needed
-        x_mask = (idx < length) & is_weight if MASKED else is_weight
-        x = tl.load(x_ptr + idx, mask=x_mask, other=0.0).to(tl.float32)
+        if is_weight:  # a branch, not a mask: see k2_perturb on scalar masks
+            x = tl.load(x_ptr + idx, mask=mask, other=other).to(tl.float32)
+        else:
+            x = tl.zeros_like(g)
     else:
         x = g
     if OBJECTIVE != GRADIENT and not FIRST_STEP:
@@ -83,22 +86,41 @@ def _reduce_kernel(
         full = length // BLOCK
         chunk = first_chunk(pid, num_programs, chunk_start)
         while chunk < full:  # whole chunks, unmasked (so loads vectorise)
+            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
             acc = _reduce_chunk(
-                acc, chunk * BLOCK + lanes, length, g_ptr, x_ptr, m_ptr, is_weight, first,
+                acc, lanes, length - start, g_ptr + start, x_ptr + start, m_ptr + start, is_weight, first,
                 ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, False,
             )
             chunk += num_programs
         if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
+            start = chunk * BLOCK
             acc = _reduce_chunk(
-                acc, chunk * BLOCK + lanes, length, g_ptr, x_ptr, m_ptr, is_weight, first,
+                acc, lanes, length - start, g_ptr + start, x_ptr + start, m_ptr + start, is_weight, first,
                 ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, True,
             )
         r += 1
     tl.store(partials_ptr + slot + pid, tl.sum(acc, axis=0))
 
 
-def launch_reduce(dev_table, backup, grad_ema, first, partials, slot, programs, block, spec_args, switches):
-    """K1 over one bucket: writes partials[slot : slot + programs]."""
+KERNEL = _reduce_kernel
+# Types of the arguments that are not constexprs ("PARAM": the parameters' dtype),
+# for compiling ahead of time (tests/test_codegen.py).
+ARGUMENTS = dict(
+    table_ptr="*i64", n_rows="i32", backup_ptr="*PARAM", grad_ema_ptr="*fp32", first_ptr="*fp32",
+    partials_ptr="*fp32", slot="i32", ema_weight="fp32", one_minus_weight="fp32", alpha="fp32", delta="fp32",
+    eta="fp32",
+)
+
+
+def constexprs(objective: Objective, constraint: Constraint, first_step: bool, aligned: bool, block: int = CHUNK) -> dict:
+    """The compile-time switches of one launch; every combination of the
+    annotated switches is a kernel the launcher can produce."""
+    return dict(variant_constexprs(objective, constraint, first_step), ALIGNED=aligned, BLOCK=block)
+
+
+def launch_reduce(dev_table, backup, grad_ema, first, partials, slot, programs, block, spec_args, variant):
+    """K1 over one bucket: writes partials[slot : slot + programs]. ``variant``:
+    (objective, constraint, first_step)."""
     _reduce_kernel[(programs,)](
         dev_table.rows,
         dev_table.n_rows,
@@ -108,8 +130,6 @@ def launch_reduce(dev_table, backup, grad_ema, first, partials, slot, programs, 
         partials,
         slot,
         *spec_args,
-        ALIGNED=dev_table.aligned,
-        BLOCK=block,
         num_warps=NUM_WARPS,
-        **switches,
+        **constexprs(*variant, dev_table.aligned, block),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .table import FLAG_PERTURBED, as_pointer, first_chunk, load_row
+from .table import CHUNK, FLAG_PERTURBED, as_pointer, first_chunk, load_row
 
 # A pure copy; same chunking as K1/K2. Not measured yet.
 NUM_WARPS = 4
@@ -34,15 +34,26 @@ def _restore_kernel(table_ptr, n_rows, backup_ptr, ALIGNED: tl.constexpr, BLOCK:
         full = tl.where((flags & FLAG_PERTURBED) != 0, length // BLOCK, -1)  # -1: skip the row
         chunk = first_chunk(pid, num_programs, chunk_start)
         while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
-            _restore_chunk(x_ptr, b_ptr, chunk * BLOCK + lanes, length, False)
+            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
+            _restore_chunk(x_ptr + start, b_ptr + start, lanes, length - start, False)
             chunk += num_programs
         if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
-            _restore_chunk(x_ptr, b_ptr, chunk * BLOCK + lanes, length, True)
+            start = chunk * BLOCK
+            _restore_chunk(x_ptr + start, b_ptr + start, lanes, length - start, True)
         r += 1
+
+
+KERNEL = _restore_kernel
+ARGUMENTS = dict(table_ptr="*i64", n_rows="i32", backup_ptr="*PARAM")  # see k1_reduce.ARGUMENTS
+
+
+def constexprs(aligned: bool, block: int = CHUNK) -> dict:
+    """The compile-time switches of one launch (see k1_reduce.constexprs)."""
+    return dict(ALIGNED=aligned, BLOCK=block)
 
 
 def launch_restore(dev_table, backup, programs, block):
     """K3 over one bucket."""
     _restore_kernel[(programs,)](
-        dev_table.rows, dev_table.n_rows, backup, ALIGNED=dev_table.aligned, BLOCK=block, num_warps=NUM_WARPS
+        dev_table.rows, dev_table.n_rows, backup, num_warps=NUM_WARPS, **constexprs(dev_table.aligned, block)
     )

@@ -14,15 +14,18 @@ contraction); with lr = 0, x comes back bit for bit.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import triton
 import triton.language as tl
 
-from .table import FLAG_PERTURBED, as_pointer, first_chunk, load_row
+from .table import CHUNK, FLAG_PERTURBED, as_pointer, first_chunk, load_row
 
 # A streaming update like K3 plus the state: same chunking. Not measured yet.
 NUM_WARPS = 4
-# fp32 slots per param group in the hyperparameter tensor (64 B rows).
-HYPER_WIDTH = 16
+# fp32 slots per param group in the hyperparameter tensor (64 B rows);
+# constexpr: the compiled kernel may read no other kind of global.
+HYPER_WIDTH = tl.constexpr(16)
 
 SGD = tl.constexpr(0)
 ADAM = tl.constexpr(1)
@@ -48,15 +51,18 @@ def _step_chunk(
     g = tl.load(g_ptr + idx, mask=mask, other=other).to(tl.float32)
     if KIND == SGD:
         lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize, first = h0, h1, h2, h3, h4, h5, h6
-        has_momentum = tl.where(momentum != 0.0, 1, 0) != 0  # the interpreter cannot & a float comparison
-        state_mask = (idx < length) & has_momentum if MASKED else has_momentum
         d = tl.where(maximize != 0.0, -g, g)
         d = tl.where(weight_decay != 0.0, _round(d + weight_decay * x, elem), d)
-        buf = tl.load(s1_ptr + idx, mask=state_mask, other=0.0).to(tl.float32)
-        buf = tl.where(first != 0.0, d, _round(_round(buf * momentum, elem) + one_minus_dampening * d, elem))
-        tl.store(s1_ptr + idx, buf.to(elem), mask=state_mask)
-        step_dir = tl.where(nesterov != 0.0, _round(d + momentum * buf, elem), buf)
-        step_dir = tl.where(has_momentum, step_dir, d)
+        # A branch, not a mask: without momentum there is no buffer (s1_ptr is
+        # then another buffer, never to be written), and a scalar i1 in a mask
+        # is rejected by Triton 3.9's interpreter.
+        if momentum != 0.0:
+            buf = tl.load(s1_ptr + idx, mask=mask, other=other).to(tl.float32)
+            buf = tl.where(first != 0.0, d, _round(_round(buf * momentum, elem) + one_minus_dampening * d, elem))
+            tl.store(s1_ptr + idx, buf.to(elem), mask=mask)
+            step_dir = tl.where(nesterov != 0.0, _round(d + momentum * buf, elem), buf)
+        else:
+            step_dir = d
         x_new = x + (-lr) * step_dir
     else:
         neg_step_size, bc2_sqrt, eps, decay, weight_decay, w1, beta2, one_minus_beta2, maximize = (
@@ -119,23 +125,40 @@ def _restore_step_kernel(
         full = length // BLOCK
         chunk = first_chunk(pid, num_programs, chunk_start)
         while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
+            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
             _step_chunk(
-                chunk * BLOCK + lanes, length, x_ptr, src_ptr, g_ptr, s1_ptr, s2_ptr,
+                lanes, length - start, x_ptr + start, src_ptr + start, g_ptr + start, s1_ptr + start, s2_ptr + start,
                 h0, h1, h2, h3, h4, h5, h6, h7, h8, KIND, False,
             )
             chunk += num_programs
         if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
+            start = chunk * BLOCK
             _step_chunk(
-                chunk * BLOCK + lanes, length, x_ptr, src_ptr, g_ptr, s1_ptr, s2_ptr,
+                lanes, length - start, x_ptr + start, src_ptr + start, g_ptr + start, s1_ptr + start, s2_ptr + start,
                 h0, h1, h2, h3, h4, h5, h6, h7, h8, KIND, True,
             )
         r += 1
+
+
+KERNEL = _restore_step_kernel
+# fp64 buckets take torch's own step (restore_and_step declines them).
+PARAM_DTYPES = ("fp32", "bf16", "fp16")
+ARGUMENTS = dict(  # see k1_reduce.ARGUMENTS
+    table_ptr="*i64", n_rows="i32", backup_ptr="*PARAM", hyper_ptr="*fp32", state1_ptr="*PARAM", state2_ptr="*PARAM"
+)
+
+
+def constexprs(kind: Literal["sgd", "adam"], from_backup: bool, aligned: bool, block: int = CHUNK) -> dict:
+    """The compile-time switches of one launch (see k1_reduce.constexprs);
+    AdamW is kind "adam" (its decoupled weight decay is a hyperparameter)."""
+    return dict(KIND=KIND_CODE[kind], FROM_BACKUP=from_backup, ALIGNED=aligned, BLOCK=block)
 
 
 def launch_restore_step(dev_table, backup, hyper, state1, state2, kind, from_backup, programs, block):
     """K4 over one bucket. ``backup``: the flat buffer x was saved in (its dtype
     is the parameters'); ``state1``/``state2``: momentum_buffer, or exp_avg and
     exp_avg_sq (unused ones may be any buffer); ``hyper``: [groups, HYPER_WIDTH] fp32."""
+    aligned = dev_table.aligned and state1.data_ptr() % 16 == 0 and state2.data_ptr() % 16 == 0
     _restore_step_kernel[(programs,)](
         dev_table.rows,
         dev_table.n_rows,
@@ -143,9 +166,6 @@ def launch_restore_step(dev_table, backup, hyper, state1, state2, kind, from_bac
         hyper,
         state1,
         state2,
-        KIND=KIND_CODE[kind],
-        FROM_BACKUP=from_backup,
-        ALIGNED=dev_table.aligned and state1.data_ptr() % 16 == 0 and state2.data_ptr() % 16 == 0,
-        BLOCK=block,
         num_warps=NUM_WARPS,
+        **constexprs(kind, from_backup, aligned, block),
     )

@@ -12,18 +12,29 @@ import triton.language as tl
 
 from ...preconditioners import Constraint, Objective
 
-# Compile-time codes of the variant (tl.constexpr switches of one kernel family).
-GRADIENT = tl.constexpr(0)
-EMA = tl.constexpr(1)
-INFO = tl.constexpr(2)
+# Compile-time codes of the variant (tl.constexpr switches of one kernel
+# family): each enum member's position, named here for the kernels.
+OBJECTIVE_CODE = {objective: code for code, objective in enumerate(Objective)}
+CONSTRAINT_CODE = {constraint: code for code, constraint in enumerate(Constraint)}
 
-NONE = tl.constexpr(0)
-ADAPTIVE = tl.constexpr(1)
-ASAM = tl.constexpr(2)
-FISHER = tl.constexpr(3)
+GRADIENT = tl.constexpr(OBJECTIVE_CODE[Objective.GRADIENT])
+EMA = tl.constexpr(OBJECTIVE_CODE[Objective.EMA])
+INFO = tl.constexpr(OBJECTIVE_CODE[Objective.INFO])
 
-OBJECTIVE_CODE = {Objective.GRADIENT: 0, Objective.EMA: 1, Objective.INFO: 2}
-CONSTRAINT_CODE = {Constraint.NONE: 0, Constraint.ADAPTIVE: 1, Constraint.ASAM: 2, Constraint.FISHER: 3}
+NONE = tl.constexpr(CONSTRAINT_CODE[Constraint.NONE])
+ADAPTIVE = tl.constexpr(CONSTRAINT_CODE[Constraint.ADAPTIVE])
+ASAM = tl.constexpr(CONSTRAINT_CODE[Constraint.ASAM])
+FISHER = tl.constexpr(CONSTRAINT_CODE[Constraint.FISHER])
+
+
+def variant_constexprs(objective: Objective, constraint: Constraint, first_step: bool) -> dict:
+    """The switches K1 and K2 share. A variant without an EMA has no later
+    step to tell apart: FIRST_STEP is set, so that it names one kernel."""
+    return dict(
+        OBJECTIVE=OBJECTIVE_CODE[objective],
+        CONSTRAINT=CONSTRAINT_CODE[constraint],
+        FIRST_STEP=first_step or objective is Objective.GRADIENT,
+    )
 
 
 @triton.jit

@@ -33,6 +33,10 @@ from ...buckets import _non_overlapping_and_dense
 # 8 elements (two 16-B vectors of fp32) per thread at 4 warps. Not measured
 # yet; to be tuned on the GPU.
 CHUNK = 1024
+# Partials K2 sums per step of its norm loop: 4 per thread at 4 warps, so its
+# registers do not grow with programs x buckets (one block of all of them,
+# next_power_of_2(n_partials), took 8-16 registers per thread more).
+PARTIALS_BLOCK = 512
 # A few programs per SM: enough resident warps to saturate memory bandwidth,
 # few enough that K2's re-read of every partial stays a few KB. Not measured yet.
 PROGRAMS_PER_SM = 4
@@ -40,6 +44,9 @@ PROGRAMS_PER_SM = 4
 # small test tensors still span several chunks and several programs.
 INTERPRETER_CHUNK = 256
 INTERPRETER_PROGRAMS = 3
+# K2's norm loop takes this many partials a step under the interpreter, so that
+# two buckets of INTERPRETER_PROGRAMS partials take two steps (a tail included).
+INTERPRETER_PARTIALS_BLOCK = 4
 # Device tables kept per bucket (addresses that alternate between steps,
 # e.g. gradients freed and reallocated, still hit the cache).
 TABLES_PER_BUCKET = 4
@@ -101,14 +108,14 @@ def supported_device(device: torch.device) -> bool:
 _programs: dict = {}
 
 
-def launch_config(device: torch.device) -> tuple[int, int]:
-    """(programs per launch, elements per chunk) on ``device``."""
+def launch_config(device: torch.device) -> tuple[int, int, int]:
+    """(programs per launch, elements per chunk, K2's partials per step) on ``device``."""
     if interpreting():
-        return INTERPRETER_PROGRAMS, INTERPRETER_CHUNK
+        return INTERPRETER_PROGRAMS, INTERPRETER_CHUNK, INTERPRETER_PARTIALS_BLOCK
     if device not in _programs:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         _programs[device] = PROGRAMS_PER_SM * sms
-    return _programs[device], CHUNK
+    return _programs[device], CHUNK, PARTIALS_BLOCK
 
 
 @dataclass
