@@ -26,11 +26,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from presam_kernels import ASAM, SAM, FisherSAM, InfoSAM, VaSSO, backends
+from presam_kernels import ASAM, SAM, FisherSAM, InfoSAM, VaSSO, backends, extension_available
 from test_midstep import assert_same, snapshot
 
 # As tests/conftest.py decides (not imported: bench/ has a conftest module too).
-BACKENDS = ["eager", "triton"] if backends.triton_available() else ["eager"]
+BACKENDS = (
+    ["eager"]
+    + (["cpp"] if extension_available() else [])
+    + (["triton"] if backends.triton_available() else [])
+)
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 # Examples per test: (eager, triton).
@@ -90,8 +94,6 @@ def build(spec, backend, lr=0.0):
     gen = torch.Generator().manual_seed(spec["seed"])
     tensors = []
     for layout, dtype, frozen in spec["params"]:
-        if backend == "triton" and dtype == "fp64":
-            dtype = "fp32"  # issue 13 item 3 (fp64 on Triton) is fixed elsewhere: test_fp64_on_triton_restores_exactly
         tensors.append(make_tensor(layout, DTYPES[dtype], gen).requires_grad_(not frozen))
     listed = tensors[:1] * spec["tied"] + tensors
     if spec["two_groups"] and len(tensors) > 1:
@@ -225,10 +227,14 @@ def test_fuzz_operation_sequences_triton(spec, ops):
     run_sequence(spec, ops, "triton")
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@fuzz_settings(EXAMPLES[0])
+@given(spec=model_spec, ops=operations)
+def test_fuzz_operation_sequences_cpp(spec, ops):
+    run_sequence(spec, ops, "cpp")
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
-@pytest.mark.xfail(strict=True, reason="issue 13 item 3: the fused Triton base update computes fp64 in fp32 "
-                                       "(fixed on another branch; remove this mark, and the fp64 exclusion in "
-                                       "build(), once merged)")
 def test_fp64_on_triton_restores_exactly():
     spec = dict(params=[("plain", "fp64", False)], tied=False, two_groups=False, second_rho=0.0,
                 variant="sam", base="sgd", flatten=False, perturb="in_place", seed=0)
@@ -282,6 +288,13 @@ def test_fuzz_save_load_continue_is_bit_identical_eager(spec, before, after):
 @given(spec=model_spec, before=st.integers(0, 2), after=st.integers(1, 2))
 def test_fuzz_save_load_continue_is_bit_identical_triton(spec, before, after):
     check_resume(spec, before, after, "triton")
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@fuzz_settings(EXAMPLES[0])
+@given(spec=model_spec, before=st.integers(0, 3), after=st.integers(1, 3))
+def test_fuzz_save_load_continue_is_bit_identical_cpp(spec, before, after):
+    check_resume(spec, before, after, "cpp")
 
 
 # -- bad hyperparameters ---------------------------------------------------------
