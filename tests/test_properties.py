@@ -7,6 +7,8 @@ every backend runs.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -40,6 +42,7 @@ seeds = st.integers(0, 2**31 - 1)
 # ||C e|| = rho holds for any c; these variants' c does not depend on x, so x = 0 and p = e exactly.
 X_FREE_VARIANTS = ["sam", "fisher", "vasso", "infosam", "infosam_fisher"]
 # On top of rounding e to the dtype, which moves ||e|| by at most half an ulp relative.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 NORM_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
 
 
@@ -80,7 +83,13 @@ def test_perturbation_has_norm_rho_in_the_constraint_metric(
                 c = 1.0 / torch.sqrt(1.0 + variant.spec.eta * g.to(F64) ** 2)
             total += float(((e / c) ** 2).sum())
         norm = total**0.5
-        assert norm == pytest.approx(rho, rel=NORM_RTOL[dtype]), f"step {t}: ||C e|| = {norm!r}, rho = {rho!r}"
+        rtol = NORM_RTOL[dtype]
+        if backend == "triton" and INTERPRETER and dtype != torch.float32:
+            # The interpreter truncates fp32 -> 16-bit stores (a GPU rounds to
+            # nearest: docs/design.md §4), which shortens every element of e by up
+            # to one ulp in the same direction: the norm may be up to 2 ulp low.
+            rtol = 2 * rtol
+        assert norm == pytest.approx(rho, rel=rtol), f"step {t}: ||C e|| = {norm!r}, rho = {rho!r}"
         opt.second_step()
 
 
