@@ -258,7 +258,7 @@ def build(provider: str, variant: str, params, rho: float | None = None):
     raise ValueError(f"unknown provider {provider!r}; one of {PROVIDERS}")
 
 
-# DESIGN.md section 3: bytes per element moved by the fused step's own work
+# docs/design.md §3: bytes per element moved by the fused step's own work
 # (perturb + restore), by variant and parameter element size.
 BYTES_PER_ELEMENT = {
     ("sam", 4): 28, ("sam", 2): 14,

@@ -238,7 +238,7 @@ def copy_gbps(bench):
     The fastest of several copies of the same bytes, each its best of
     ``rounds``, interleaved so that a busy spell hits them alike: a single
     ``Tensor.copy_`` timed alone reported 29.7 GB/s in a run whose steps moved
-    45 GB/s of DESIGN.md bytes (rows at 115-160 % "of copy"), so one op is not
+    45 GB/s of docs/design.md bytes (rows at 115-160 % "of copy"), so one op is not
     a bandwidth. Candidates: ``copy_``, an element-wise op writing into
     ``out`` (TensorIterator's parallel loop), and, when the extension is
     built, its parallel memcpy (``presam_cpp::restore_``, chunks over threads)."""

@@ -1,7 +1,7 @@
 """Measures the Triton kernels' launch constants (elements per chunk, programs
 per SM, warps per program), which are set in ``backends/triton`` without a
 measurement yet: SAM's perturb (K1 + K2) and restore (K3) on a flat fp32
-bucket and on 64 equal tensors, as GB/s under DESIGN.md section 3's bytes
+bucket and on 64 equal tensors, as GB/s under docs/design.md §3's bytes
 and as % of the device-to-device copy measured in the same run.
 
     PYTHONPATH=. python3 bench/launch_sweep.py          # GPU machine, about a minute
@@ -28,7 +28,7 @@ from presam_kernels import SAM  # noqa: E402
 from presam_kernels.backends.triton import k1_reduce, k2_perturb, k3_restore  # noqa: E402
 from presam_kernels.backends.triton import table as triton_table  # noqa: E402
 
-# DESIGN.md section 3, SAM in fp32: K1 reads g (4 B); K2 reads g and x and
+# docs/design.md §3, SAM in fp32: K1 reads g (4 B); K2 reads g and x and
 # writes backup and x (16 B); K3 reads backup and writes x (8 B).
 PERTURB_BYTES = 20
 RESTORE_BYTES = 8

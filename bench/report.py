@@ -6,7 +6,7 @@ used, leaving the other section as it was. Never edit the tables by hand.
     python bench/report.py run.json --print --no-write   # print only
 
 Figures: median time; speedup = the loop's median / this provider's (same set,
-variant, regime, dtype); effective GB/s = (DESIGN.md section 3 bytes of the
+variant, regime, dtype); effective GB/s = (docs/design.md §3 bytes of the
 variant + the base SGD step's 3 accesses) per element x elements / median,
 the same bytes for every provider; % of the copy bandwidth measured in the
 same run; peak extra memory above parameters + gradients (CUDA allocator peak,

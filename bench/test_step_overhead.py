@@ -111,7 +111,7 @@ def test_step_overhead(benchmark, bench, copy_gbps, set_name, dtype_name, varian
 @pytest.mark.parametrize("variant", baselines.VARIANTS)
 def test_kernel_bandwidth(benchmark, bench, copy_gbps, kernel_size, dtype_name, variant, mode):
     """Our perturb + restore alone (first_step + restore(), no base step) on 64
-    equal tensors: DESIGN.md section 3's bytes over the time, against the copy."""
+    equal tensors: docs/design.md §3's bytes over the time, against the copy."""
     provider = next(p for p in ("ours_triton", "ours_cpp", "ours_eager") if baselines.unavailable(p, variant, bench.device) is None)
     provider += "_flat" if mode == "flatten" else ""
     set_name = f"uniform_{kernel_size}"

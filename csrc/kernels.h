@@ -4,7 +4,7 @@
 // at::parallel_for deals out to threads.
 //
 // Same formulas and order as the Triton kernels (precondition.py, k4_restore_step.py):
-// fp32 math whatever the parameter dtype, fp32 EMA state. Notation of DESIGN.md
+// fp32 math whatever the parameter dtype, fp32 EMA state. Notation of docs/design.md
 // section 1: g gradient, m EMA state, u direction, c constraint diagonal.
 #pragma once
 
@@ -108,7 +108,7 @@ inline void copy_raw(T* dst, const T* src, int64_t n) {
 // -- the preconditioners (triton/precondition.py) ------------------------------
 // c * u; also c (ones for kNone) and the EMA's next value m_new. infoSAM
 // returns u' = delta * u = g / (1 + belief / delta): the host scales eps_norm
-// by delta to match (DESIGN.md).
+// by delta to match (docs/design.md).
 template <int64_t D, int64_t C>
 inline Vec precondition(Vec g, Vec x, Vec m, bool is_weight, const Spec& s, Vec& c, Vec& m_new) {
   Vec u;

@@ -1,4 +1,4 @@
-"""The base optimizer's update fused into SAM's restore (DESIGN.md section 3).
+"""The base optimizer's update fused into SAM's restore (docs/design.md §3).
 
 Instead of x <- backup followed by ``base_optimizer.step()`` (which reads x
 again), one kernel per bucket reads the saved x and the gradient taken at

@@ -1,4 +1,4 @@
-"""What the backends iterate over (DESIGN.md section 2).
+"""What the backends iterate over (docs/design.md §2).
 
 A bucket holds every parameter of one (device, dtype): a fixed slice of the
 optimizer's own flat buffers per parameter (the backup, or with out-of-place

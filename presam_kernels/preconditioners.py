@@ -1,4 +1,4 @@
-"""The two preconditioners of preSAM (DESIGN.md section 1) as plain data.
+"""The two preconditioners of preSAM (docs/design.md §1) as plain data.
 
 An optimizer picks one objective (how the direction u is made from the
 gradient) and one constraint (the diagonal c of the ball ||C e|| <= rho);

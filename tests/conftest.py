@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-# DESIGN.md section 4: without CUDA the Triton kernels run on the CPU under the
+# docs/design.md §4: without CUDA the Triton kernels run on the CPU under the
 # interpreter, which reads this variable when @triton.jit runs, so it is set
 # before the package is imported.
 if not torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""A float64 re-computation of DESIGN.md section 1, written from the equations
+"""A float64 re-computation of docs/design.md §1, written from the equations
 and independent of the package, plus the one comparison helper the tests share.
 
 One step at parameters x with gradients g:
@@ -8,7 +8,7 @@ One step at parameters x with gradients g:
 
 ||.|| is one L2 norm over every parameter that has a gradient, across all
 param groups; rho is per group; eps_norm is added after the square root.
-The EMA state m is kept in fp32 (as DESIGN.md's mixed-precision rule says),
+The EMA state m is kept in fp32 (as docs/design.md's mixed-precision rule says),
 so the oracle rounds the stored m to fp32 after each update, while the values
 it uses within the step (m_new, belief) stay float64.
 """
@@ -23,7 +23,7 @@ F64 = torch.float64
 
 @dataclass(frozen=True)
 class Spec:
-    """Which row of DESIGN.md's table: objective and constraint, with their constants."""
+    """Which row of docs/design.md's table: objective and constraint, with their constants."""
 
     objective: str = "gradient"  # "gradient" (u = g) | "ema" (VaSSO) | "info" (infoSAM)
     constraint: str = "none"  # "none" | "adaptive" | "asam" | "fisher"

@@ -1,4 +1,4 @@
-"""GradScaler handed to both steps (DESIGN.md section 1, mixed precision),
+"""GradScaler handed to both steps (docs/design.md §1, mixed precision),
 with the CPU GradScaler: gradients unscaled exactly once per pass, infoSAM's
 EMA built from unscaled gradients, and a step whose first, second or both
 backwards overflowed changes no parameter and no state while the scale drops.

@@ -1,4 +1,4 @@
-"""Restore fused into the base optimizer's update (issue 7, DESIGN.md section 3).
+"""Restore fused into the base optimizer's update (issue 7, docs/design.md §3).
 
 With the Triton backend (interpreted on the CPU here), second_step runs one
 kernel per bucket for torch.optim.SGD / Adam / AdamW instead of restore +

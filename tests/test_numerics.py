@@ -1,5 +1,5 @@
 """The perturbation and restore of every variant against the float64 oracle
-(DESIGN.md section 1), over odd shapes, dtypes, param groups, both bucket
+(docs/design.md §1), over odd shapes, dtypes, param groups, both bucket
 modes and every backend.
 
 Gradients are set by hand and the base optimizer is SGD with lr = 0, so

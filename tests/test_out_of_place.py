@@ -1,4 +1,4 @@
-"""Out-of-place perturbation (issue 7, DESIGN.md section 3): x + e written to a
+"""Out-of-place perturbation (issue 7, docs/design.md §3): x + e written to a
 flat buffer of ours and each parameter's .data pointed at its slice for the
 second pass, then pointed back. Same numbers as in place, bit for bit; the
 parameters keep their identity, autograd, memory format and (flatten=True)

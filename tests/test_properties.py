@@ -1,4 +1,4 @@
-"""Properties of DESIGN.md section 1 over drawn shapes, rho, dtypes, variants
+"""Properties of docs/design.md §1 over drawn shapes, rho, dtypes, variants
 and param groups, checked against the float64 oracle.
 
 The tensors come from a drawn seed, so a failing example replays exactly.

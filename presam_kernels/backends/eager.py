@@ -11,7 +11,7 @@ EMA-ready flag) stay device tensors: on an accelerator nothing here reads a
 tensor on the host.  On the CPU, which runs ops synchronously, the overflow
 flag is read to skip a pass: there is no device queue to stall.
 
-Notation of DESIGN.md section 1: g gradient, m EMA state, u direction,
+Notation of docs/design.md §1: g gradient, m EMA state, u direction,
 c constraint diagonal, e = rho * c^2 * u / (||c u|| + eps_norm).
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _direction(spec: Preconditioner, g, m, first, scratch):
     0-d fp32 tensor (1.0 = no successful EMA step yet; False when known ready)
     so that a skipped first step (non-finite gradients) needs no host read.
     infoSAM evaluates u' = delta * u = g / (1 + belief / delta): e does not
-    change when u is scaled, and g / belief overflows fp32 (DESIGN.md).
+    change when u is scaled, and g / belief overflows fp32 (docs/design.md).
     The returned lists are fresh tensors the caller may overwrite, except
     that u may be g itself (the gradient objective, or the first step).
     """
@@ -145,7 +145,7 @@ def _direction_known_ready(spec: Preconditioner, g, m, scratch):
         torch.div(gi, s, out=s)  # u' = g / (1 + belief / delta)
 
     def m_new_into(targets):
-        # g + alpha * (m_old - g), rounded as the Triton kernels and DESIGN.md
+        # g + alpha * (m_old - g), rounded as the Triton kernels and docs/design.md
         # form it (torch.lerp rounds differently: 1 ulp of g off near m = g).
         for t, d, gi in zip(targets, gap, g):
             torch.add(gi, d, alpha=alpha, out=t)

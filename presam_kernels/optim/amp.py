@@ -1,4 +1,4 @@
-"""GradScaler support for a two-pass optimizer (DESIGN.md section 1, mixed precision).
+"""GradScaler support for a two-pass optimizer (docs/design.md §1, mixed precision).
 
 ``scaler.step(opt)`` would unscale only the second pass's gradients, so the
 scaler is handed to both steps instead: the first pass is unscaled by us

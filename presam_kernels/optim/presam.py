@@ -993,18 +993,10 @@ class PreSAM(Optimizer):
 
 
 # perturb="auto": out of place where a bucket's tensors average at least this
-# many elements (per device type), in place elsewhere or where absent.
-# CPU (bench/RESULTS_traffic.md, 2-core EPYC, eager, 64 equal fp32 tensors,
-# in-place / out-of-place step time, three runs of the current code): 0.83,
-# 1.00 and 1.09 at 1K elements per tensor (IQRs 0.1-0.3 ms on 0.7-1.3 ms:
-# noise), 1.05, 1.38 and 1.28 at 8K, 1.33, 1.29 and 1.97 at 64K, 1.16, 1.20
-# and 1.57 at 512K; ResNet-50 set 1.91, ViT-B/16 1.02; switching costs 0.6 us
-# per tensor: ahead or within the noise everywhere, so always out of place.
-# CUDA: in place until measured (no GPU yet; the estimate, where 0.6 us per
-# tensor of host work meets the 4 B per element saved at ~3 TB/s, is ~450K
-# elements per tensor), and in place is what CUDA-graph capture needs: the
-# switch of .data is host work a replay would not repeat.  Replace with the
-# H100 crossover once measured (bench/gpu_check.sh prints it).
+# many elements (per device type), in place elsewhere or where absent. CPU:
+# out of place measured ahead or within the noise at every size
+# (bench/RESULTS_traffic.md). CUDA: in place (what CUDA-graph capture needs)
+# until gpu_check.sh measures the crossover.
 _OUT_OF_PLACE_MIN_AVG = {"cpu": 0}
 # rho / eps_norm (times delta for infoSAM) at most this: rho * 1 / (||c u|| + eps)
 # then stays finite in fp32 (max 3.4e38), so an all-zero gradient gives e = 0.

@@ -1,4 +1,4 @@
-"""K1: one fp32 partial sum of (c u)^2 per program (DESIGN.md section 2).
+"""K1: one fp32 partial sum of (c u)^2 per program (docs/design.md §3).
 
 Reads g (and m, x where the variant needs them), writes ``num_programs``
 partials at ``partials[slot:]`` and nothing else. Every program writes its

@@ -1,4 +1,4 @@
-"""K2: backup <- x, x <- x + e, m <- m_new (DESIGN.md section 2).
+"""K2: backup <- x, x <- x + e, m <- m_new (docs/design.md §3).
 
 Every program re-reduces all partials of every bucket in the same fixed order
 (deterministic, no atomics), forms the global norm, the skip flag and the
@@ -9,7 +9,7 @@ restore is exact) but leaves x and m untouched. Rows with perturbed = False
 
 OUT_OF_PLACE: the flat buffer passed as ``backup`` is the bucket's adversarial
 buffer; K2 writes x + e there (x itself when skipped) and never writes x, so
-SAM's own traffic is 16 B per fp32 element (DESIGN.md section 3).
+SAM's own traffic is 16 B per fp32 element (docs/design.md §3).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""K3: x <- backup, bit for bit, for every perturbed row (DESIGN.md section 2).
+"""K3: x <- backup, bit for bit, for every perturbed row (docs/design.md §3).
 
 A copy in the parameters' own dtype (no conversion, so every bit pattern,
 -0.0 and NaN payloads included, comes back as it was saved).

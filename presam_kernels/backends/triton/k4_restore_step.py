@@ -1,4 +1,4 @@
-"""K4: restore fused into the base optimizer's update (DESIGN.md section 3).
+"""K4: restore fused into the base optimizer's update (docs/design.md §3).
 
 Reads the saved x (the backup, for perturbed rows of an in-place table; x
 itself for rows never perturbed and for out-of-place tables), the gradient

@@ -1,7 +1,7 @@
 """The elementwise math K1 and K2 share: u, c and the EMA's next value.
 
 Same formulas, same order of operations as ``eager._direction`` and
-``eager._constraint`` (DESIGN.md section 1), in fp32 whatever the parameter
+``eager._constraint`` (docs/design.md §1), in fp32 whatever the parameter
 dtype. K1 and K2 both call ``precondition`` so that K2 recomputes exactly the
 c * u whose norm K1 summed.
 """
