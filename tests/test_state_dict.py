@@ -407,3 +407,27 @@ def test_infosam_over_adam_copies_before_its_first_step(how):
         two_step(m, o, batch(0))
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.detach(), q.detach())
+
+
+def test_a_grad_ema_entry_for_a_key_no_group_lists_is_refused_before_loading_anything():
+    """Found by an adversarial pass: an EMA entry under an unknown key raised a
+    KeyError after the base state, the lr and the EMA had been replaced."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = InfoSAM([p], torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        p.grad = torch.randn(4, 3)
+        opt.first_step()
+        p.grad = torch.randn(4, 3)
+        opt.second_step()
+    sd = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["lr"] = 123.0
+    bad["state"][5] = {"grad_ema": torch.zeros(4, 3)}
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="no saved param group lists 5"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert opt.param_groups[0]["lr"] == 0.1 and set(after["state"]) == set(before["state"])
+    for key, entry in before["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(after["state"][key][name], value), (key, name)

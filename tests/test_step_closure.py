@@ -88,6 +88,29 @@ def test_torch_closure_idiom_runs_closure_twice_every_step_and_matches_two_step(
     assert_same_params(model, twin, **EXACT)
 
 
+@MODES
+def test_kept_zeros_after_two_step_training_are_not_a_first_pass_at_the_first_step_closure(flatten):
+    """Gradients zeroed and kept (flatten=True's default zero_grad, or
+    set_to_none=False) after steps of the two-step API: the first
+    step(closure) must still run its closure twice (found by an adversarial
+    pass: the kept zeros were taken as the first pass, e = 0)."""
+    model, twin = make_model(), make_model()
+    opt = InfoSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, flatten=flatten)
+    opt_twin = InfoSAM(twin.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, flatten=flatten)
+    for k in range(2):
+        two_step(model, opt, [batch(k)])
+        two_step(twin, opt_twin, [batch(k)])
+    for k in range(2, 4):
+        calls = []
+        loss_of(model, batch(k)).backward()  # leaves gradients for zero_grad to keep
+        opt.zero_grad(set_to_none=False)
+        opt.step(torch_idiom_closure(model, opt, batch(k), calls))
+        assert len(calls) == 2, f"step {k}: the closure ran {len(calls)} time(s)"
+        two_step(twin, opt_twin, [batch(k)])
+    assert float(opt.last_perturbation_norm) > 0
+    assert_same_params(model, twin, **EXACT)
+
+
 # ---------------------------------------------------------------------------
 # (b) the common wrapper's convention: a backward before step is the first pass
 # ---------------------------------------------------------------------------

@@ -839,7 +839,11 @@ class PreSAM(Optimizer):
                 b.zero_flat_grad()
         else:
             self.base_optimizer.zero_grad(set_to_none=set_to_none)
-        self._mark_gradients_seen()  # kept zeros are not a first pass
+        if not set_to_none:
+            # Kept zeros are never a first pass, also at the first step(closure):
+            # tag them (and from now on every gradient this optimizer leaves).
+            self._tracks_gradients = True
+        self._mark_gradients_seen()
 
     def _traced_zero_grad(self, set_to_none: bool):
         """zero_grad as torch.compile can trace it (torch's own is skipped by
@@ -965,10 +969,16 @@ class PreSAM(Optimizer):
         saved_keys = [key for group in saved_groups for key in group["params"]]
         param_of = dict(zip(saved_keys, self._params()))
         entries = [(key, entry) for key, entry in state_dict["state"].items()] + list(ours.items())
+        for key in ours:
+            if key not in param_of:
+                raise ValueError(
+                    f"state_dict['state'][{key!r}] holds '{GRAD_EMA}' but no saved param group lists {key!r}: "
+                    "the checkpoint does not belong to these parameters"
+                )
         for key, entry in entries:
             p = param_of.get(key)
             if p is None:
-                continue  # torch keeps entries of unknown keys as they are
+                continue  # torch keeps the base optimizer's entries of unknown keys as they are
             for name, value in entry.items():
                 where = f"state_dict['state'][{key!r}][{name!r}]"
                 if name == GRAD_EMA_READY:
