@@ -18,6 +18,10 @@ from .table import CHUNK, FLAG_WEIGHT, as_pointer, first_chunk, load_row
 # 4 warps x 32 threads x 8 elements = one 1024-element chunk per step. Not
 # measured yet; to be tuned on the GPU together with table.CHUNK.
 NUM_WARPS = 4
+# A register cap for ptxas, as K2's: without one, Triton 3.9's ptxas keeps
+# infoSAM (fp32, aligned, after the first step, sm_90) at 72 registers and
+# spills 4 B (tests/test_codegen.py under `make test-triton-next`).
+MAX_REGISTERS = 128
 
 
 @triton.jit
@@ -131,5 +135,6 @@ def launch_reduce(dev_table, backup, grad_ema, first, partials, slot, programs, 
         slot,
         *spec_args,
         num_warps=NUM_WARPS,
+        maxnreg=MAX_REGISTERS,
         **constexprs(*variant, dev_table.aligned, block),
     )
