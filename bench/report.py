@@ -6,9 +6,10 @@ used, leaving the other section as it was. Never edit the tables by hand.
     python bench/report.py run.json --print --no-write   # print only
 
 Figures: median time; speedup = the loop's median / this provider's (same set,
-variant, regime, dtype); effective GB/s = (docs/design.md §3 bytes of the
-variant + the base SGD step's 3 accesses) per element x elements / median,
-the same bytes for every provider; % of the copy bandwidth measured in the
+variant, regime, dtype); effective GB/s = (the bytes of the variant's leanest
+path, out of place, docs/design.md §3, + the base SGD step's 3 accesses) per
+element x elements / median, the same bytes for every provider (so no row
+that does the work can pass 100 % of copy); % of the copy bandwidth measured in the
 same run; peak extra memory above parameters + gradients (CUDA allocator peak,
 or the CPU resident-set high-water mark, approximate).
 """
@@ -145,7 +146,7 @@ def kernel_table(rows):
     if not sel:
         return []
     out = ["#### Kernel table: our perturb + restore alone (64 equal tensors, no base step)", "",
-           "| dtype | variant | elements | bucket mode | provider | median ms | GB/s (DESIGN bytes) | % of copy |",
+           "| dtype | variant | elements | bucket mode | provider | median ms | GB/s (least bytes) | % of copy |",
            "|---|---|---:|---|---|---:|---:|---:|"]
     for r in sel:
         out.append(f"| {r['dtype']} | {r['variant']} | {r['numel']:,} | {r['regime']} | {r['provider']} | "
