@@ -112,7 +112,6 @@ class Bucket:
     numels: list = field(default_factory=list)  # elements per parameter
     backup: torch.Tensor | None = None
     grad_ema: torch.Tensor | None = None
-    grad_ema_prev: torch.Tensor | None = None
     flat_param: torch.Tensor | None = None
     flat_grad: torch.Tensor | None = None
     adversarial: torch.Tensor | None = None
@@ -205,11 +204,6 @@ class Bucket:
         if self.grad_ema is None:
             self.grad_ema = self.new_flat(torch.float32)
         return self.grad_ema
-
-    def ensure_grad_ema_prev(self):
-        if self.grad_ema_prev is None:
-            self.grad_ema_prev = self.new_flat(torch.float32)
-        return self.grad_ema_prev
 
     # -- flatten=True ----------------------------------------------------
     def _flatten_params(self):
