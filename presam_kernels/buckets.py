@@ -81,8 +81,6 @@ class Table:
     # For DTensor buckets: maps this table's local sum of squares to the sum
     # over the whole mesh (replicas counted once); None for plain tensors.
     reduce_sum_of_squares: object = None
-    # What a backend's perturb leaves for its restore (the Triton launch plan).
-    backend_state: object = None
     adversarials: list | None = None
     merged: bool = False  # flatten=True rows spanning several parameters
     members: list | None = None  # per-parameter rows: the bucket's parameter index of each

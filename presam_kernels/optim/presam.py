@@ -14,7 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import backends, base_update
-from ..buckets import build_buckets, local
+from ..buckets import _is_dtensor, build_buckets, local
 from ..preconditioners import Constraint, Objective, Preconditioner, check_finite_number
 from . import amp, library_ops
 from .ema import EmaReady
@@ -345,12 +345,13 @@ class PreSAM(Optimizer):
                     raise ValueError("sparse parameters are not supported; use dense parameters")
                 params.append(p)
                 group_index.append(k)
+        # The backend first: a choice refused here leaves the parameters and the old layout as they were.
+        devices = list(dict.fromkeys(p.device for p in params))
+        self._backend = backends.get(
+            backends.resolve(self.backend_choice, devices, sharded=any(_is_dtensor(p) for p in params))
+        )
         self._buckets = build_buckets(params, group_index, [self._weight_flag(p) for p in params], self.flatten)
         self._layout = key
-        sharded = any(b.mesh is not None for b in self._buckets)
-        self._backend = backends.get(
-            backends.resolve(self.backend_choice, [b.device for b in self._buckets], sharded=sharded)
-        )
         self._attach_state_views(old_ema)
         return self._buckets
 
@@ -384,14 +385,13 @@ class PreSAM(Optimizer):
         self._ensure_buckets()
         return self._backend.name
 
-    def _note_path_taken(self, tables):
-        """Record which backend ran the perturbation (``last_step_backend``):
-        a compiled backend hands rows it cannot walk (float64 on cpp, a
-        parameter strided unlike its gradient, ...) to eager for the whole
-        call, and a backend the user named must not be swapped silently."""
-        ran = self._backend.name
-        if ran != "eager" and any(t.backend_state is None for t in tables):
-            ran = "eager"
+    def _note_path_taken(self, ran: str):
+        """Record which backend ran the perturbation (``last_step_backend``), as
+        the backend reported it: a compiled backend hands rows it cannot walk
+        (float64 on cpp, a parameter strided unlike its gradient, ...) to eager
+        for the whole call, and a backend the user named must not be swapped
+        silently."""
+        if ran != self._backend.name:
             named = backends.named_choice(self.backend_choice)
             if named is not None and named not in self._fallback_warned:
                 self._fallback_warned.add(named)
@@ -493,12 +493,14 @@ class PreSAM(Optimizer):
         ema_ready = self._ema_ready.for_step(buckets[0].device) if stateful else False
         # Buckets without a gradient this step (a frozen dtype) take no part: the backends assume rows.
         active = [k for k, t in enumerate(tables) if len(t)]
+        perturbation = None
         if active:
-            norm, skipped = self._backend.perturb(
-                [tables[k] for k in active], [buckets[k] for k in active], self.preconditioner, rhos,
-                not ema_ready if ema_ready is False else 1.0 - ema_ready, found_inf,
+            perturbation = self._backend.perturb(
+                [tables[k] for k in active], [buckets[k] for k in active], self.preconditioner, rhos, ema_ready,
+                found_inf,
             )
-            self._note_path_taken([tables[k] for k in active])
+            norm, skipped = perturbation.norm, perturbation.skipped
+            self._note_path_taken(perturbation.path)
             if stateful:  # no gradient anywhere: nothing seen
                 self._ema_ready.note_step(skipped)
         else:
@@ -507,7 +509,7 @@ class PreSAM(Optimizer):
         self._count_skip(skipped)
         self.last_perturbation_norm = norm
         pending = PendingStep(
-            tables, group_perturbed, perturbation=None,
+            tables, group_perturbed, perturbation,
             first_pass_skipped=skipped if scaler is not None else None, ema_ready_before=ema_ready_before,
         )
         pending.switch_to_adversarial(buckets)
@@ -565,15 +567,20 @@ class PreSAM(Optimizer):
                     self._ema_ready.roll_back(self._buckets, pending.ema_ready_before)
                 self._count_skip(torch.ones((), dtype=torch.bool, device=self.skipped_steps.device))
             if first_bad or second_bad:
-                self._backend.restore(pending.tables)
+                self._restore(pending)
                 if zero_grad:
                     self.zero_grad()
                 return
         if not self._fused_step(pending.tables, pending.group_perturbed):
-            self._backend.restore(pending.tables)
+            self._restore(pending)
             self._base_step()
         if zero_grad:
             self.zero_grad()
+
+    def _restore(self, pending):
+        """x <- backup for every row the pending step's perturbation wrote."""
+        if pending.perturbation is not None:
+            self._backend.restore(pending.perturbation)
 
     def _moved_since_first_step(self, pending) -> bool:
         # Bound to torch.compile's operands, the parameters point at the op's copies: not a move.
@@ -592,11 +599,8 @@ class PreSAM(Optimizer):
 
     def _fused_step(self, tables, perturbed) -> bool:
         """restore + base step as one kernel per bucket, where the backend has
-        one and ``base_update`` covers the base optimizer; False (nothing done)
-        otherwise."""
-        fused = getattr(self._backend, "restore_and_step", None)
-        if fused is None:
-            return False
+        one for these rows and ``base_update`` covers the base optimizer; False
+        (nothing done) otherwise."""
         kind = base_update.covered(self.base_optimizer)
         if kind is None or self._layout_key() != self._layout:
             return False
@@ -605,13 +609,21 @@ class PreSAM(Optimizer):
         now = [b.table(perturbed, out_of_place=t.out_of_place, merge=t.merged) for b, t in zip(buckets, tables)]
         if any(n.offsets != t.offsets or n.lengths != t.lengths for n, t in zip(now, tables)):
             return False  # the second pass's gradients cover other rows than the perturbation
-        plan = base_update.plan(kind, self.base_optimizer, buckets, self.state)
-        if plan is None:
+        plans = []
+
+        def prepare():
+            # Called by the backend once it knows it can run: only then is the
+            # base state adopted into the flat buffers.
+            plan = base_update.plan(kind, self.base_optimizer, buckets, self.state)
+            if plan is None:
+                return None
+            plan.adopt()
+            plans.append(plan)
+            return plan.update
+
+        if not self._backend.restore_and_step(now, buckets, prepare):
             return False
-        plan.adopt()
-        if not fused(now, buckets, plan.update):
-            return False
-        plan.commit()
+        plans[0].commit()
         self.base_optimizer._opt_called = True  # as an LRScheduler's wrapper of its step would
         self.last_step_fused = True
         return True
@@ -768,7 +780,7 @@ class PreSAM(Optimizer):
                 pending.restore_moved(self._buckets)
             else:
                 pending.switch_back()
-                self._backend.restore(pending.tables)
+                self._restore(pending)
         self._mark_gradients_seen()
 
     def zero_grad(self, set_to_none: bool | None = None):
