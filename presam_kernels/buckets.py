@@ -237,7 +237,13 @@ class Bucket:
                 p.grad = grad_view
         return True
 
-    def in_place(self, i: int) -> bool:
+    def readopt_replaced(self):
+        """flatten=True: ``readopt`` every parameter found outside the flat buffers."""
+        for i in range(len(self.params)):
+            if not self.in_flat_buffers(i):
+                self.readopt(i)
+
+    def in_flat_buffers(self, i: int) -> bool:
         """flatten=True: whether parameter i and its gradient still live in the flat buffers."""
         p = self.params[i]
         if p.data_ptr() != self.flat_param.data_ptr() + self.offsets[i] * self.flat_param.element_size():
@@ -255,7 +261,7 @@ class Bucket:
         for i, p in enumerate(self.params):
             if p.grad is not None and not p.requires_grad:
                 p.grad = None
-            elif p.grad is not None and not self.in_place(i):
+            elif p.grad is not None and not self.in_flat_buffers(i):
                 p.grad = self.view(self.flat_grad, i)
 
     # -- the per-step table ---------------------------------------------

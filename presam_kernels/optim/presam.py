@@ -362,9 +362,7 @@ class PreSAM(Optimizer):
         if not self.flatten or self._bound_to_operands or self._step_pending():
             return
         for bucket in self._buckets:
-            for i in range(len(bucket.params)):
-                if not bucket.in_place(i):
-                    bucket.readopt(i)
+            bucket.readopt_replaced()
 
     def _attach_state_views(self, values=None):
         """Point optimizer.state[p][GRAD_EMA] at p's slice of the flat EMA,
