@@ -772,13 +772,14 @@ class PreSAM(Optimizer):
     def restore(self):
         """Put the parameters back at x after a failed second pass (for example
         out of memory) and forget the pending step. A no-op without one."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is not None:
             if self._moved_since_first_step(pending):
                 pending.restore_moved(self._buckets)
             else:
                 pending.switch_back()
                 self._restore(pending)
+            self._pending = None  # only now: a restore that raised stays pending, to be retried
         self._mark_gradients_seen()
 
     def zero_grad(self, set_to_none: bool | None = None):
