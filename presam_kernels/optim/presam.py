@@ -288,6 +288,7 @@ class PreSAM(Optimizer):
 
     def __setstate__(self, state):
         state = dict(state)
+        _migrate_pickled_before_ema_ready(state)
         name = state.pop("_backend_name", None)
         base_class, parts = state.pop("_base_optimizer_parts")
         base = base_class.__new__(base_class)
@@ -976,6 +977,20 @@ def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _migrate_pickled_before_ema_ready(state):
+    """An optimizer pickled before EmaReady (issue 14) kept the ready flags as a
+    dict beside ``_host_ema_started``, and the pending step's parts as attributes
+    of their own (None or empty, since pickling refuses mid-step)."""
+    if isinstance(state.get("_ema_ready"), dict):
+        ready = EmaReady()
+        ready.flags = state["_ema_ready"]
+        ready.known = bool(state.get("_host_ema_started", False))
+        state["_ema_ready"] = ready
+    for old in ("_host_ema_started", "_first_found_inf", "_switched", "_pending_perturbed", "_pending_storage",
+                "_ema_ready_before"):
+        state.pop(old, None)
 
 
 def _no_second_pass():
