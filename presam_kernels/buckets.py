@@ -81,8 +81,6 @@ class Table:
     # For DTensor buckets: maps this table's local sum of squares to the sum
     # over the whole mesh (replicas counted once); None for plain tensors.
     reduce_sum_of_squares: object = None
-    # What a backend's perturb leaves for its restore (the Triton launch plan).
-    backend_state: object = None
     adversarials: list | None = None
     merged: bool = False  # flatten=True rows spanning several parameters
     members: list | None = None  # per-parameter rows: the bucket's parameter index of each
@@ -112,7 +110,6 @@ class Bucket:
     numels: list = field(default_factory=list)  # elements per parameter
     backup: torch.Tensor | None = None
     grad_ema: torch.Tensor | None = None
-    grad_ema_prev: torch.Tensor | None = None
     flat_param: torch.Tensor | None = None
     flat_grad: torch.Tensor | None = None
     adversarial: torch.Tensor | None = None
@@ -206,11 +203,6 @@ class Bucket:
             self.grad_ema = self.new_flat(torch.float32)
         return self.grad_ema
 
-    def ensure_grad_ema_prev(self):
-        if self.grad_ema_prev is None:
-            self.grad_ema_prev = self.new_flat(torch.float32)
-        return self.grad_ema_prev
-
     # -- flatten=True ----------------------------------------------------
     def _flatten_params(self):
         """Re-point every parameter (and gradient) into one flat buffer each."""
@@ -245,7 +237,13 @@ class Bucket:
                 p.grad = grad_view
         return True
 
-    def in_place(self, i: int) -> bool:
+    def readopt_replaced(self):
+        """flatten=True: ``readopt`` every parameter found outside the flat buffers."""
+        for i in range(len(self.params)):
+            if not self.in_flat_buffers(i):
+                self.readopt(i)
+
+    def in_flat_buffers(self, i: int) -> bool:
         """flatten=True: whether parameter i and its gradient still live in the flat buffers."""
         p = self.params[i]
         if p.data_ptr() != self.flat_param.data_ptr() + self.offsets[i] * self.flat_param.element_size():
@@ -263,7 +261,7 @@ class Bucket:
         for i, p in enumerate(self.params):
             if p.grad is not None and not p.requires_grad:
                 p.grad = None
-            elif p.grad is not None and not self.in_place(i):
+            elif p.grad is not None and not self.in_flat_buffers(i):
                 p.grad = self.view(self.flat_grad, i)
 
     # -- the per-step table ---------------------------------------------

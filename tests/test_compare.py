@@ -175,7 +175,7 @@ def _snapshot(model, optimizer):
     for i, p in enumerate(model.parameters()):
         for key, value in optimizer.state[p].items():
             tensors[f"state[{i}].{key}"] = value.clone()
-    for device, flag in getattr(optimizer, "_ema_ready", {}).items():
+    for device, flag in optimizer._ema_ready.flags.items():
         tensors[f"ema_ready.{device}"] = flag.clone()
     return tensors
 

@@ -229,3 +229,23 @@ def test_a_parameter_listed_twice_in_an_added_group_is_kept_once():
     opt.first_step()
     opt.second_step()
     assert torch.equal(q.detach(), torch.zeros(2))
+
+
+@PERTURB
+def test_a_restore_that_raises_keeps_the_step_pending_and_a_retry_puts_x_back(perturb, flatten, backend, core_case):
+    """restore() into a parameter replaced by one of another shape raises; the
+    step stays pending (mid-step operations still refuse), and once the user
+    puts a fitting tensor back, restore() again leaves every parameter at x."""
+    core_case(perturb == "in_place")
+    params, opt = build(backend, flatten, perturb)
+    give_grads(params)
+    opt.first_step()
+    own = params[0].data
+    params[0].data = torch.zeros(2, 2)
+    with pytest.raises(RuntimeError):
+        opt.restore()
+    with pytest.raises(RuntimeError, match=MIDSTEP):
+        opt.state_dict()
+    params[0].data = own.clone()
+    opt.restore()
+    assert_at_x(params)

@@ -128,7 +128,7 @@ def test_parameters_point_at_x_plus_e_for_the_second_pass_and_back(backend, flat
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     if flatten:
         bucket = opt._buckets[0]
-        assert all(bucket.in_place(i) for i in range(len(bucket.params)))
+        assert all(bucket.in_flat_buffers(i) for i in range(len(bucket.params)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

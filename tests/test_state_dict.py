@@ -235,6 +235,30 @@ def test_a_copy_of_model_and_optimizer_continues_like_the_original(variant, flat
         assert torch.equal(p.detach(), q.detach()), f"{name}: the copy diverged from the original"
 
 
+@MODES
+def test_an_infosam_pickled_before_ema_ready_unpickles_and_continues_bit_for_bit(flatten):
+    """An optimizer pickled before the EMA's ready flag became one EmaReady
+    object held the flags as a {device: flag} dict beside _host_ema_started:
+    it unpickles into the same flags and steps on like the original."""
+    build, _ = VARIANTS[WITH_EMA[0]]
+    model = make_model()
+    opt = build(model.parameters(), flatten)
+    for k in range(2):
+        two_step(model, opt, batch(k))
+    twin, twin_opt = copy.deepcopy((model, opt))
+    legacy = twin_opt.__getstate__()  # as the earlier code pickled it
+    legacy["_ema_ready"], legacy["_host_ema_started"] = dict(legacy["_ema_ready"].flags), True
+    legacy.update(_first_found_inf=None, _switched=[], _pending_perturbed=None, _pending_storage=None)
+    old_opt = type(opt).__new__(type(opt))
+    old_opt.__setstate__(legacy)
+    twin, old_opt = pickle.loads(pickle.dumps((twin, old_opt)))
+    for k in range(2, 5):
+        two_step(model, opt, batch(k))
+        two_step(twin, old_opt, batch(k))
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p.detach(), q.detach()), f"{name}: the unpickled optimizer diverged"
+
+
 # ---------------------------------------------------------------------------
 # a checkpoint of the common SAM wrapper
 # ---------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def make_problem(shapes, dtypes, flatten, spec, groups=None, seed=0, grads=None)
     return params, buckets
 
 
-def run_perturb(backend, shapes, dtypes, flatten, spec, rhos=(0.05,), first=True, found_inf=None, **kw):
+def run_perturb(backend, shapes, dtypes, flatten, spec, rhos=(0.05,), ema_ready=False, found_inf=None, **kw):
     params, buckets = make_problem(shapes, dtypes, flatten, spec, **kw)
     before = [p.detach().clone() for p in params]
     perturbed = [not (isinstance(r, float) and r == 0.0) for r in rhos]
@@ -121,7 +121,8 @@ def run_perturb(backend, shapes, dtypes, flatten, spec, rhos=(0.05,), first=True
                        for b in buckets for i, p in enumerate(b.params)]
     emas_before = [None if b.grad_ema is None else b.grad_ema.clone() for b in buckets]
     tables = [b.table(perturbed) for b in buckets]
-    norm, skipped = backend.perturb(tables, buckets, spec, list(rhos), first, found_inf)
+    result = backend.perturb(tables, buckets, spec, list(rhos), ema_ready, found_inf)
+    norm, skipped = result.norm, result.skipped
     out = dict(
         norm=norm.clone(),
         skipped=skipped.clone(),
@@ -132,7 +133,7 @@ def run_perturb(backend, shapes, dtypes, flatten, spec, rhos=(0.05,), first=True
         emas=[None if b.grad_ema is None else b.grad_ema.clone() for b in buckets],
         emas_before=emas_before,
     )
-    backend.restore(tables)
+    backend.restore(result)
     out["restored"] = [p.detach().clone() for p in params]
     return out
 
@@ -172,17 +173,18 @@ def test_perturb_matches_eager_odd_sizes(variant, shape, flatten):
     check_against_eager([shape], torch.float32, flatten, SPECS[variant])
 
 
-@pytest.mark.parametrize("first", ["true", "tensor_first", "tensor_later"])
+@pytest.mark.parametrize("ema_ready", ["host_not_ready", "flag_not_ready", "flag_ready"])
 @pytest.mark.parametrize("variant", ["vasso", "infosam", "infosam_asam"])
-def test_perturb_matches_eager_ema_flag(variant, first):
-    """first is True (host knows), a device flag still at 1.0, or 0.0 (EMA ready)."""
-    flag = {"true": True, "tensor_first": torch.ones((), device=DEVICE), "tensor_later": torch.zeros((), device=DEVICE)}
-    check_against_eager(MIXED, torch.float32, False, SPECS[variant], first=flag[first])
+def test_perturb_matches_eager_ema_flag(variant, ema_ready):
+    """ema_ready is False (host knows), a device flag still at 0.0, or 1.0 (EMA ready)."""
+    flag = {"host_not_ready": False, "flag_not_ready": torch.zeros((), device=DEVICE),
+            "flag_ready": torch.ones((), device=DEVICE)}
+    check_against_eager(MIXED, torch.float32, False, SPECS[variant], ema_ready=flag[ema_ready])
 
 
 def test_first_step_flag_as_tensor_equals_host_first_step():
-    a = run_perturb(triton_backend, MIXED, torch.float32, True, SPECS["infosam"], first=True)
-    b = run_perturb(triton_backend, MIXED, torch.float32, True, SPECS["infosam"], first=torch.ones((), device=DEVICE))
+    a = run_perturb(triton_backend, MIXED, torch.float32, True, SPECS["infosam"], ema_ready=False)
+    b = run_perturb(triton_backend, MIXED, torch.float32, True, SPECS["infosam"], ema_ready=torch.zeros((), device=DEVICE))
     assert_close(b["norm"], a["norm"], 0.0, 0.0, "norm")
     for k, (p, q) in enumerate(zip(b["params"], a["params"])):
         assert_close(p, q, *PARAM_TOL[torch.float32], f"param {k}")
@@ -193,7 +195,7 @@ def test_first_step_flag_as_tensor_equals_host_first_step():
 @pytest.mark.parametrize("flatten", [False, True], ids=["tensors", "flat"])
 def test_mixed_dtype_buckets_share_one_global_norm(flatten):
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16]
-    got, ref = check_against_eager(MIXED, dtypes, flatten, SPECS["infosam"], first=torch.zeros((), device=DEVICE))
+    got, ref = check_against_eager(MIXED, dtypes, flatten, SPECS["infosam"], ema_ready=torch.ones((), device=DEVICE))
     assert len(got["emas"]) == 3
 
 
@@ -225,8 +227,8 @@ def test_non_finite_grads_skip_without_touching_params_or_ema(variant, dtype, ba
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(s, generator=gen).to(dtype) for s in MIXED]
     grads[2].view(-1)[100] = bad
-    got = run_perturb(triton_backend, MIXED, dtype, False, spec, grads=grads, first=torch.zeros((), device=DEVICE))
-    ref = run_perturb(eager, MIXED, dtype, False, spec, grads=grads, first=torch.zeros((), device=DEVICE))
+    got = run_perturb(triton_backend, MIXED, dtype, False, spec, grads=grads, ema_ready=torch.ones((), device=DEVICE))
+    ref = run_perturb(eager, MIXED, dtype, False, spec, grads=grads, ema_ready=torch.ones((), device=DEVICE))
     assert bool(got["skipped"]) and bool(ref["skipped"])
     assert not torch.isfinite(got["norm"])
     for k, (p, b) in enumerate(zip(got["params"], got["before"])):
@@ -244,7 +246,7 @@ def test_non_finite_grads_skip_without_touching_params_or_ema(variant, dtype, ba
 def test_found_inf_skips_a_finite_step(flag):
     found = torch.full((1,), flag, device=DEVICE)
     got, ref = check_against_eager(MIXED, torch.float32, True, SPECS["infosam"], found_inf=found,
-                                   first=torch.zeros((), device=DEVICE))
+                                   ema_ready=torch.ones((), device=DEVICE))
     assert bool(got["skipped"]) == (flag > 0)
     if flag > 0:
         for k, (p, b) in enumerate(zip(got["params"], got["before"])):
@@ -263,17 +265,17 @@ def test_restore_is_bit_exact_with_special_values(dtype, flatten):
         params[2].view(-1)[: specials.numel()] = specials.to(dtype).to(DEVICE)
     before = [p.detach().clone() for p in params]
     tables = [b.table([True]) for b in buckets]
-    triton_backend.perturb(tables, buckets, SPECS["sam"], [0.05], True)
+    done = triton_backend.perturb(tables, buckets, SPECS["sam"], [0.05], False)
     assert not torch.equal(params[0], before[0])
-    triton_backend.restore(tables)
+    triton_backend.restore(done)
     for k, (p, b) in enumerate(zip(params, before)):
         assert_bit_equal(p, b, f"param {k}")
 
 
 @pytest.mark.parametrize("variant", ["sam", "infosam_asam"])
 def test_norm_and_params_are_run_to_run_identical(variant):
-    a = run_perturb(triton_backend, MIXED, torch.float32, False, SPECS[variant], first=torch.zeros((), device=DEVICE))
-    b = run_perturb(triton_backend, MIXED, torch.float32, False, SPECS[variant], first=torch.zeros((), device=DEVICE))
+    a = run_perturb(triton_backend, MIXED, torch.float32, False, SPECS[variant], ema_ready=torch.ones((), device=DEVICE))
+    b = run_perturb(triton_backend, MIXED, torch.float32, False, SPECS[variant], ema_ready=torch.ones((), device=DEVICE))
     assert_bit_equal(a["norm"], b["norm"], "norm")
     for k, (p, q) in enumerate(zip(a["params"], b["params"])):
         assert_bit_equal(p, q, f"param {k}")
@@ -290,7 +292,7 @@ def test_infosam_direction_matches_float64_oracle():
     u = [gi / (1 + (alpha * (mi - gi)) ** 2 / delta) for gi, mi in zip(g, m)]
     norm = torch.sqrt(sum((ui**2).sum() for ui in u))
     tables = [b.table([True]) for b in buckets]
-    got, _ = triton_backend.perturb(tables, buckets, spec, [rho], torch.zeros((), device=DEVICE))
+    got = triton_backend.perturb(tables, buckets, spec, [rho], torch.ones((), device=DEVICE)).norm
     assert_close(got, norm, 0.0, 1e-5, "norm of u' = delta u")
     for k, (p, x, ui) in enumerate(zip(params, x0, u)):
         assert_close(p, x + rho * ui / (norm + spec.eps_norm * delta), 1e-6, 1e-5, f"param {k}")
@@ -341,13 +343,13 @@ def test_device_table_is_rebuilt_only_when_an_address_changes(monkeypatch):
     params, buckets = make_problem(MIXED, torch.float32, False, SPECS["sam"])
     for _ in range(3):
         tables = [b.table([True]) for b in buckets]
-        triton_backend.perturb(tables, buckets, SPECS["sam"], [0.05], True)
-        triton_backend.restore(tables)
+        done = triton_backend.perturb(tables, buckets, SPECS["sam"], [0.05], False)
+        triton_backend.restore(done)
     assert len(builds) == 1
     params[1].grad = params[1].grad.clone()  # a fresh gradient buffer, as after zero_grad(set_to_none=True)
     tables = [b.table([True]) for b in buckets]
-    triton_backend.perturb(tables, buckets, SPECS["sam"], [0.05], True)
-    triton_backend.restore(tables)
+    done = triton_backend.perturb(tables, buckets, SPECS["sam"], [0.05], False)
+    triton_backend.restore(done)
     assert len(builds) == 2
 
 
@@ -362,11 +364,11 @@ def test_dense_non_contiguous_params_use_the_kernels(monkeypatch):
         p.grad = q.grad.clone().as_strided(p.shape, p.stride()).copy_(q.grad)
     buckets = build_buckets(params_t, [0, 0], [True, True], False)
     tables = [b.table([True]) for b in buckets]
-    triton_backend.perturb(tables, buckets, SPECS["asam"], [0.05], True)
+    done = triton_backend.perturb(tables, buckets, SPECS["asam"], [0.05], False)
     assert counts["perturb"] == 1
     for k, (p, q) in enumerate(zip(params_t, ref["params"])):
         assert_close(p, q, *PARAM_TOL[torch.float32], f"param {k}")
-    triton_backend.restore(tables)
+    triton_backend.restore(done)
     assert counts["restore"] == 1
 
 
@@ -378,10 +380,11 @@ def test_grad_with_other_strides_than_param_falls_back_to_eager(monkeypatch):
     before = [p.detach().clone() for p in params]
     params[0].grad = params[0].grad.contiguous(memory_format=torch.channels_last)
     tables = [b.table([True]) for b in buckets]
-    norm, _ = triton_backend.perturb(tables, buckets, SPECS["sam"], [0.05], True)
+    done = triton_backend.perturb(tables, buckets, SPECS["sam"], [0.05], False)
+    norm = done.norm
     assert counts == {"reduce": 0, "perturb": 0, "restore": 0}
     assert_close(norm, ref["norm"], 0.0, 0.0, "norm")
-    triton_backend.restore(tables)
+    triton_backend.restore(done)
     for p, b in zip(params, before):
         assert_bit_equal(p, b, "restored param")
 
@@ -390,9 +393,10 @@ def test_empty_table_returns_zero_norm():
     params, buckets = make_problem([(5,)], torch.float32, False, SPECS["sam"])
     params[0].grad = None
     tables = [b.table([True]) for b in buckets]
-    norm, skipped = triton_backend.perturb(tables, buckets, SPECS["sam"], [0.05], True)
+    done = triton_backend.perturb(tables, buckets, SPECS["sam"], [0.05], False)
+    norm, skipped = done.norm, done.skipped
     assert float(norm) == 0.0 and not bool(skipped)
-    triton_backend.restore(tables)
+    triton_backend.restore(done)
 
 
 # -- through the optimizers --------------------------------------------------

@@ -1,5 +1,7 @@
-"""Backends implement the same verbs per bucket table: ``perturb``, ``restore``
-(and ``unscale_``).  ``select`` maps a user's choice to one of them."""
+"""Backends implement the same verbs per bucket table, the contract written
+down in ``protocol.Backend``: ``perturb``, ``restore``, ``restore_and_step``
+and ``unscale_``.  ``resolve`` maps a user's choice to a backend's name and
+``get`` returns that backend, checked against the contract."""
 from __future__ import annotations
 
 import os
@@ -7,7 +9,7 @@ import warnings
 
 from .. import _extension
 from .._extension import extension_available
-from . import eager
+from . import eager, protocol
 
 BACKENDS = ("auto", "eager", "triton", "cpp")
 
@@ -79,7 +81,7 @@ def resolve(choice: str, devices, sharded: bool = False) -> str:
     return choice
 
 
-def get(name: str):
+def _load(name: str):
     if name == "eager":
         return eager
     if name == "cpp":
@@ -89,3 +91,15 @@ def get(name: str):
     from . import triton as triton_backend
 
     return triton_backend
+
+
+# name -> a function returning the backend (imported on first use).
+LOADERS = {"eager": _load, "cpp": _load, "triton": _load}
+
+
+def get(name: str) -> protocol.Backend:
+    """The backend called ``name``; TypeError when it does not implement the
+    contract (every verb of ``protocol.Backend``, with its arguments)."""
+    backend = LOADERS[name](name)
+    protocol.check(backend)
+    return backend

@@ -19,10 +19,11 @@ from .. import _extension
 from ..buckets import _non_overlapping_and_dense
 from ..preconditioners import Constraint, Objective, Preconditioner
 from . import eager
+from .protocol import Perturbation
 
 name = "cpp"
 
-# Codes of csrc/kernels.h (Direction folds the host's first-step flag into the objective).
+# Codes of csrc/kernels.h (Direction folds "the EMA is not ready yet" into the objective: FIRST_STEP).
 GRADIENT, FIRST_STEP, EMA, INFO = 0, 1, 2, 3
 CONSTRAINT_CODE = {Constraint.NONE: 0, Constraint.ADAPTIVE: 1, Constraint.ASAM: 2, Constraint.FISHER: 3}
 KIND_CODE = {"sgd": 0, "adam": 1}
@@ -60,28 +61,27 @@ def _flags(table):
     return [(FLAG_WEIGHT if w else 0) | (FLAG_PERTURBED if p else 0) for w, p in zip(table.is_weight, table.perturbed)]
 
 
-def _direction(spec: Preconditioner, first_step: bool) -> int:
+def _direction(spec: Preconditioner, ema_ready: bool) -> int:
     if spec.objective is Objective.GRADIENT:
         return GRADIENT
-    if first_step:
+    if not ema_ready:
         return FIRST_STEP
     return EMA if spec.objective is Objective.EMA else INFO
 
 
-def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
+def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=None) -> Perturbation:
     """x <- x + e for every row (one global norm over all tables), backup <- x,
     EMA <- m_new (out of place: adversarial <- x + e). A non-finite norm or
     ``found_inf`` > 0 writes only the backup (the adversarial copy of x).
-    Returns (norm, skipped) as 0-d fp32 / bool tensors."""
+    The norm and skipped flag are 0-d fp32 / bool tensors; the path is
+    "eager" where a row is not walkable (the whole call goes there)."""
     stateful = spec.objective.has_state
     if not all(_walkable(t, b) for t, b in zip(tables, buckets)) or (
         stateful and any(b.grad_ema is None for b in buckets)
     ):
-        for table in tables:
-            table.backend_state = None
-        return eager.perturb(tables, buckets, spec, rhos, first, found_inf)
+        return eager.perturb(tables, buckets, spec, rhos, ema_ready, found_inf)
     ops = _ops()
-    direction = _direction(spec, bool(first))
+    direction = _direction(spec, bool(ema_ready))  # a flag on the CPU: reading it stalls nothing
     constants = (CONSTRAINT_CODE[spec.constraint], spec.ema_weight, 1.0 - spec.ema_weight, spec.delta, spec.eta)
     active = [(t, b, _flags(t)) for t, b in zip(tables, buckets) if len(t)]
     total = 0.0  # sums of fixed chunks, added in a fixed order: the same bits on any thread count
@@ -101,19 +101,19 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
         saved = bucket.adversarial if table.out_of_place else bucket.backup
         op(table.params, table.grads, saved, ema, table.offsets, table.group_index, flags, rho_values, scale,
            skipped, direction, *constants)
-    for table, bucket in zip(tables, buckets):
-        table.backend_state = bucket
-    return norm, torch.tensor(skipped)
+    return Perturbation(norm, torch.tensor(skipped), path=name, tables=list(tables), plans=list(buckets))
 
 
-def restore(tables):
+def restore(perturbation: Perturbation):
     """x <- backup, bit for bit, for every perturbed row (nothing to copy out of place)."""
-    for table in tables:
+    if perturbation.path != name:
+        eager.restore(perturbation)  # not perturbed by the ops
+        return
+    for table, bucket in zip(perturbation.tables, perturbation.plans):
         if not len(table) or table.out_of_place:
             continue
-        bucket = table.backend_state
-        if bucket is None or not _walkable(table, bucket):
-            eager.restore([table])  # not perturbed by the ops, or a parameter re-strided since
+        if not _walkable(table, bucket):
+            eager.restore_tables([table])  # a parameter re-strided since
             continue
         rows = [i for i, p in enumerate(table.perturbed) if p]
         if len(rows) == len(table):
@@ -122,14 +122,17 @@ def restore(tables):
             _ops().restore_([table.params[i] for i in rows], bucket.backup, [table.offsets[i] for i in rows])
 
 
-def restore_and_step(tables, buckets, update) -> bool:
-    """x <- the base optimizer's update (``update``: a ``base_update.Update``)
+def restore_and_step(tables, buckets, prepare) -> bool:
+    """x <- the base optimizer's update (``prepare()``: a ``base_update.Update``)
     of the saved x, with the gradients in ``tables``; writes the base state in
     place. Returns False, having written nothing, where the ops cannot walk
     the rows (the caller restores and steps the base optimizer instead)."""
-    if len(tables) != len(buckets) or len(update.state) != len(buckets):
+    if len(tables) != len(buckets):
         return False
     if not all(_walkable(t, b) for t, b in zip(tables, buckets) if len(t)):
+        return False
+    update = prepare()
+    if update is None or len(update.state) != len(buckets):
         return False
     ops = _ops()
     width = len(update.hyper[0])

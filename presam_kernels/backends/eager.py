@@ -23,6 +23,7 @@ import torch
 
 from ..buckets import _non_overlapping_and_dense
 from ..preconditioners import Constraint, Objective, Preconditioner
+from .protocol import Perturbation
 
 name = "eager"
 
@@ -90,12 +91,12 @@ class _Scratch:
         return out
 
 
-def _direction(spec: Preconditioner, g, m, first, scratch):
+def _direction(spec: Preconditioner, g, m, ema_ready, scratch):
     """u (possibly scaled by delta, see below) and the EMA's next value m_new.
 
-    ``first`` is True when the host knows no EMA step has happened yet, else a
-    0-d fp32 tensor (1.0 = no successful EMA step yet; False when known ready)
-    so that a skipped first step (non-finite gradients) needs no host read.
+    ``ema_ready`` is False when the host knows the EMA has had no finite step,
+    True when it knows it has, else a 0-d fp32 tensor (1.0 = ready) so that a
+    skipped first step (non-finite gradients) needs no host read.
     infoSAM evaluates u' = delta * u = g / (1 + belief / delta): e does not
     change when u is scaled, and g / belief overflows fp32 (docs/design.md).
     The returned lists are fresh tensors the caller may overwrite, except
@@ -103,12 +104,13 @@ def _direction(spec: Preconditioner, g, m, first, scratch):
     """
     if spec.objective is Objective.GRADIENT:
         return g, None
-    if first is True:
+    if ema_ready is False:
         return g, g
-    if first is False:
+    if ema_ready is True:
         return _direction_known_ready(spec, g, m, scratch)
+    not_ready = 1.0 - ema_ready  # 1.0 until the EMA had a finite step: the blends below then give m = g, u = g
     if spec.objective is Objective.EMA:
-        weight = spec.ema_weight + (1.0 - spec.ema_weight) * first  # 1 on the first step: m = g
+        weight = spec.ema_weight + (1.0 - spec.ema_weight) * not_ready  # 1 on the first step: m = g
         m_new = torch._foreach_sub(g, m)
         torch._foreach_mul_(m_new, weight)
         torch._foreach_add_(m_new, m)
@@ -116,9 +118,9 @@ def _direction(spec: Preconditioner, g, m, first, scratch):
     # INFO: m_new - g = alpha * (m_old - g), formed without cancellation.
     alpha = 1.0 - spec.ema_weight
     gap = torch._foreach_sub(m, g)
-    torch._foreach_mul_(gap, alpha * (1.0 - first))  # zero on the first step: m_new = g
+    torch._foreach_mul_(gap, alpha * (1.0 - not_ready))  # zero on the first step: m_new = g
     u = torch._foreach_mul(gap, gap)  # belief
-    torch._foreach_mul_(u, (1.0 - first) / spec.delta)  # first step: belief / delta -> 0, u = g
+    torch._foreach_mul_(u, (1.0 - not_ready) / spec.delta)  # first step: belief / delta -> 0, u = g
     torch._foreach_add_(u, 1.0)
     torch._foreach_reciprocal_(u)
     torch._foreach_mul_(u, g)  # u' = g / (1 + belief / delta)
@@ -127,7 +129,7 @@ def _direction(spec: Preconditioner, g, m, first, scratch):
 
 
 def _direction_known_ready(spec: Preconditioner, g, m, scratch):
-    """_direction when the host knows the EMA is running (``first`` False, as
+    """_direction when the host knows the EMA is ready (``ema_ready`` True, as
     on the CPU), in as few passes as torch allows: u, and infoSAM's gap
     m_old - g (3 passes, against 7 with the blended formulas), with m_new
     returned as a callable that writes it into m in one more pass.  u and
@@ -258,33 +260,33 @@ def _slices(row, piece):
     return [[f[start:start + piece] for f in flat] for start in range(0, n, piece)]
 
 
-def _terms(spec: Preconditioner, batch, first, scratch):
+def _terms(spec: Preconditioner, batch, ema_ready, scratch):
     """(c, c u, m_new) of one batch: temporaries sized like the batch."""
     g = _fp32(batch.grads)
-    u, m_new = _direction(spec, g, batch.grad_emas, first, scratch)
+    u, m_new = _direction(spec, g, batch.grad_emas, ema_ready, scratch)
     c = _constraint(spec, batch, g)
     return c, _mul_where(c, u), m_new
 
 
-def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
+def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=None) -> Perturbation:
     """x <- x + e for every row (one global norm over all tables), backup <- x,
     EMA <- m_new (out-of-place tables: adversarial <- x + e instead).  A
     non-finite norm or ``found_inf`` > 0 perturbs nothing and keeps the EMA.
-    Returns (norm, skipped) as 0-d fp32/bool device tensors.
+    The result's norm and skipped flag are 0-d fp32/bool device tensors.
 
     Two passes over the batches: the norm, then c and u computed again (the
     same ops, so the same bits) to write x + e: recomputing costs less than
     keeping c u for the whole model (4-12 B per element) between the passes."""
     device = buckets[0].device
-    if device.type == "cpu" and isinstance(first, torch.Tensor):
-        first = bool(first)  # synchronous device: reading the flag stalls nothing
+    if device.type == "cpu" and isinstance(ema_ready, torch.Tensor):
+        ema_ready = bool(ema_ready)  # synchronous device: reading the flag stalls nothing
     partials, scratch = [], _Scratch()
     pieces = [_piece(b.device) if _makes_temporaries(spec, b.dtype) else sys.maxsize for b in buckets]
     for table, bucket, piece in zip(tables, buckets, pieces):
         row_device = table.params[0].device if len(table) else bucket.device
         norms = []  # per row or slice, as torch._foreach_norm gives them
         for batch in _batches(table, piece):
-            norms += torch._foreach_norm(_terms(spec, batch, first, scratch)[1])
+            norms += torch._foreach_norm(_terms(spec, batch, ema_ready, scratch)[1])
         partial = _sum_of_squares(norms, row_device)
         if table.reduce_sum_of_squares is not None:
             partial = table.reduce_sum_of_squares(partial)
@@ -294,8 +296,9 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     if found_inf is not None:
         skipped = skipped | (found_inf.reshape(()).to(device) > 0)
     eps = spec.eps_norm
-    if spec.objective is Objective.INFO and first is not True:
-        eps = spec.eps_norm * (first + (1.0 - first) * spec.delta)
+    if spec.objective is Objective.INFO and ema_ready is not False:
+        not_ready = 1.0 - ema_ready  # u is scaled by delta once the EMA is ready
+        eps = spec.eps_norm * (not_ready + (1.0 - not_ready) * spec.delta)
     scale = torch.where(skipped, 0.0, 1.0 / (norm + eps))
 
     for table, piece in zip(tables, pieces):
@@ -308,9 +311,9 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
         skip_now = row_device.type == "cpu" and bool(row_skipped)
         factor = {k: scale.to(row_device) * rhos[k] for k in set(table.group_index)}  # rho / (||c u|| + eps)
         for batch in _batches(table, piece):
-            c, cu, m_new = ([None] * len(batch), None, None) if skip_now else _terms(spec, batch, first, scratch)
+            c, cu, m_new = ([None] * len(batch), None, None) if skip_now else _terms(spec, batch, ema_ready, scratch)
             _apply(batch, c, cu, m_new, factor, row_skipped, skip_now)
-    return norm, skipped
+    return Perturbation(norm, skipped, path=name, tables=list(tables))
 
 
 def _sum_of_squares(norms, device):
@@ -369,11 +372,21 @@ def _apply(batch, c, cu, m_new, factor, skipped, skip_now):
             torch.where(skipped, o, t, out=t)
 
 
-def restore(tables):
+def restore(perturbation: Perturbation):
     """x <- backup, bit for bit, for every perturbed row (nothing to copy out of place)."""
+    restore_tables(perturbation.tables)
+
+
+def restore_tables(tables):
+    """``restore`` of these tables (what a compiled backend hands over)."""
     for table in tables:
         if table.out_of_place:
             continue
         rows = [i for i in range(len(table)) if table.perturbed[i]]
         if rows:
             torch._foreach_copy_([table.params[i] for i in rows], [table.backups[i] for i in rows])
+
+
+def restore_and_step(tables, buckets, prepare) -> bool:
+    """No fused step here: the caller restores and steps the base optimizer."""
+    return False

@@ -14,9 +14,11 @@ import torch
 from torch.optim import Optimizer
 
 from .. import backends, base_update
-from ..buckets import build_buckets, local
+from ..buckets import _is_dtensor, build_buckets, local
 from ..preconditioners import Constraint, Objective, Preconditioner, check_finite_number
 from . import amp, library_ops
+from .ema import EmaReady
+from .pending_step import PendingStep
 
 # Keys of ours in optimizer.state[p], beside the base optimizer's own keys
 # (exp_avg, momentum_buffer, ...): chosen so that they cannot collide.
@@ -258,16 +260,11 @@ class PreSAM(Optimizer):
         self._is_weight_fn = is_weight
         self._buckets = None
         self._layout = None
-        self._pending = None  # tables perturbed by first_step, awaiting second_step
-        self._pending_perturbed = None  # their per-group perturbed flags
-        self._switched = []  # out of place: (param, its own .data) while it points at x + e
-        self._pending_storage = None  # the parameters' storage addresses first_step left
+        self._pending: PendingStep | None = None  # created by first_step, consumed by second_step / restore
         self.last_step_fused = False  # whether the last second_step fused the base update
         self.last_step_backend = None  # the backend that ran the last perturbation
         self._fallback_warned = set()
-        self._first_found_inf = None
-        self._host_ema_started = False
-        self._ema_ready = {}  # device -> 0-d fp32 tensor, 1.0 once the EMA had a finite step
+        self._ema_ready = EmaReady()
         self.skipped_steps = None  # device tensor, created on the first step
         self.last_perturbation_norm = None
         # torch.compile: the handle the traced steps pass to the presam:: ops,
@@ -291,6 +288,7 @@ class PreSAM(Optimizer):
 
     def __setstate__(self, state):
         state = dict(state)
+        _migrate_pickled_before_ema_ready(state)
         name = state.pop("_backend_name", None)
         base_class, parts = state.pop("_base_optimizer_parts")
         base = base_class.__new__(base_class)
@@ -304,12 +302,13 @@ class PreSAM(Optimizer):
             self._backend = backends.get(name)
         self._handle = library_ops.register(self)  # a copy is another optimizer
 
-    def _refuse_midstep(self, what):
-        if getattr(self, "_pending", None) is not None:
-            raise RuntimeError(_MIDSTEP.format(what=what))
+    def _step_pending(self) -> bool:
+        """Whether first_step ran and neither second_step nor restore has since."""
+        return getattr(self, "_pending", None) is not None
 
-    def _storage_of_params(self):
-        return tuple(p.data_ptr() for p in self._params())
+    def _refuse_midstep(self, what):
+        if self._step_pending():
+            raise RuntimeError(_MIDSTEP.format(what=what))
 
     # -- parameters and buckets --------------------------------------------
     def _params(self):
@@ -332,16 +331,11 @@ class PreSAM(Optimizer):
         """The buckets, rebuilt when parameters were added or moved to another
         device or dtype (the EMA state travels with its parameter); with
         flatten=True, a parameter or gradient found replaced is copied back in."""
-        if self._pending is not None and self._buckets is not None:
+        if self._step_pending() and self._buckets is not None:
             return self._buckets  # never re-laid out under a pending step: restore needs its tables
         key = self._layout_key()
         if self._buckets is not None and key == self._layout:
-            # Never copy x + e into the flat parameters, nor an op's operands.
-            if self.flatten and not self._switched and not self._bound_to_operands:
-                for bucket in self._buckets:
-                    for i in range(len(bucket.params)):
-                        if not bucket.in_place(i):
-                            bucket.readopt(i)
+            self._readopt_flat()
             return self._buckets
         old_ema = {p: self.state[p][GRAD_EMA].detach().clone() for p in self._params()
                    if GRAD_EMA in self.state.get(p, {})}
@@ -352,14 +346,24 @@ class PreSAM(Optimizer):
                     raise ValueError("sparse parameters are not supported; use dense parameters")
                 params.append(p)
                 group_index.append(k)
+        # The backend first: a choice refused here leaves the parameters and the old layout as they were.
+        devices = list(dict.fromkeys(p.device for p in params))
+        self._backend = backends.get(
+            backends.resolve(self.backend_choice, devices, sharded=any(_is_dtensor(p) for p in params))
+        )
         self._buckets = build_buckets(params, group_index, [self._weight_flag(p) for p in params], self.flatten)
         self._layout = key
-        sharded = any(b.mesh is not None for b in self._buckets)
-        self._backend = backends.get(
-            backends.resolve(self.backend_choice, [b.device for b in self._buckets], sharded=sharded)
-        )
         self._attach_state_views(old_ema)
         return self._buckets
+
+    def _readopt_flat(self):
+        """flatten=True: bring parameters and gradients found replaced back into
+        the flat buffers. Never under a pending step (x + e would be copied in)
+        nor bound to torch.compile's operands (they are the op's, not ours)."""
+        if not self.flatten or self._bound_to_operands or self._step_pending():
+            return
+        for bucket in self._buckets:
+            bucket.readopt_replaced()
 
     def _attach_state_views(self, values=None):
         """Point optimizer.state[p][GRAD_EMA] at p's slice of the flat EMA,
@@ -380,14 +384,13 @@ class PreSAM(Optimizer):
         self._ensure_buckets()
         return self._backend.name
 
-    def _note_path_taken(self, tables):
-        """Record which backend ran the perturbation (``last_step_backend``):
-        a compiled backend hands rows it cannot walk (float64 on cpp, a
-        parameter strided unlike its gradient, ...) to eager for the whole
-        call, and a backend the user named must not be swapped silently."""
-        ran = self._backend.name
-        if ran != "eager" and any(t.backend_state is None for t in tables):
-            ran = "eager"
+    def _note_path_taken(self, ran: str):
+        """Record which backend ran the perturbation (``last_step_backend``), as
+        the backend reported it: a compiled backend hands rows it cannot walk
+        (float64 on cpp, a parameter strided unlike its gradient, ...) to eager
+        for the whole call, and a backend the user named must not be swapped
+        silently."""
+        if ran != self._backend.name:
             named = backends.named_choice(self.backend_choice)
             if named is not None and named not in self._fallback_warned:
                 self._fallback_warned.add(named)
@@ -466,16 +469,17 @@ class PreSAM(Optimizer):
             self.zero_grad()
 
     def _first_step_eager(self, grad_scaler=None):
-        if self._pending is not None:
+        if self._step_pending():
             raise RuntimeError(
                 "first_step() was called twice in a row; call second_step() (or restore()) "
                 "after the second backward before the next first_step()"
             )
-        rhos, perturbed = self._group_rhos()
+        rhos, group_perturbed = self._group_rhos()
         self._check_grads()
         buckets = self._ensure_buckets()
         tables = [
-            b.table(perturbed, out_of_place=self._out_of_place(b), merge=not self._bound_to_operands) for b in buckets
+            b.table(group_perturbed, out_of_place=self._out_of_place(b), merge=not self._bound_to_operands)
+            for b in buckets
         ]
         scaler = amp.active(grad_scaler)
         found_inf = amp.unscale_first_pass(self, scaler, tables, self._backend) if scaler else None
@@ -483,42 +487,34 @@ class PreSAM(Optimizer):
         if bad_rho is not None:
             found_inf = bad_rho if found_inf is None else found_inf + bad_rho.to(found_inf.device)
 
-        spec = self.preconditioner
-        first = True
-        if spec.objective.has_state:
-            if self._host_ema_started:
-                first = 1.0 - self._ready_flag(buckets[0].device)
-            if scaler is not None:
-                for b in buckets:
-                    b.ensure_grad_ema_prev().copy_(b.grad_ema)
-                self._ema_ready_before = {b.device: self._ready_flag(b.device).clone() for b in buckets}
+        stateful = self.preconditioner.objective.has_state
+        ema_ready_before = self._ema_ready.save(buckets) if stateful and scaler is not None else None
+        ema_ready = self._ema_ready.for_step(buckets[0].device) if stateful else False
         # Buckets without a gradient this step (a frozen dtype) take no part: the backends assume rows.
         active = [k for k, t in enumerate(tables) if len(t)]
+        perturbation = None
         if active:
-            norm, skipped = self._backend.perturb(
-                [tables[k] for k in active], [buckets[k] for k in active], spec, rhos, first, found_inf
+            perturbation = self._backend.perturb(
+                [tables[k] for k in active], [buckets[k] for k in active], self.preconditioner, rhos, ema_ready,
+                found_inf,
             )
-            self._note_path_taken([tables[k] for k in active])
+            norm, skipped = perturbation.norm, perturbation.skipped
+            self._note_path_taken(perturbation.path)
+            if stateful:  # no gradient anywhere: nothing seen
+                self._ema_ready.note_step(skipped)
         else:
             norm = torch.zeros((), dtype=torch.float32, device=buckets[0].device)
             skipped = norm > 0 if found_inf is None else found_inf.reshape(()).to(norm.device) > 0
-
-        if spec.objective.has_state and any(len(t) for t in tables):  # no gradient anywhere: nothing seen
-            flag = self._ready_flag(norm.device)
-            torch.maximum(flag, (~skipped).float(), out=flag)
-            self._host_ema_started = True
         self._count_skip(skipped)
-        self._switch_to_adversarial(tables, buckets, perturbed)
         self.last_perturbation_norm = norm
-        self._first_found_inf = skipped if scaler is not None else None
-        self._pending = tables
-        self._pending_perturbed = perturbed
-        self._pending_storage = None if self._bound_to_operands else self._storage_of_params()
-
-    def _ready_flag(self, device):
-        if device not in self._ema_ready:
-            self._ema_ready[device] = torch.zeros((), dtype=torch.float32, device=device)
-        return self._ema_ready[device]
+        pending = PendingStep(
+            tables, group_perturbed, perturbation,
+            first_pass_skipped=skipped if scaler is not None else None, ema_ready_before=ema_ready_before,
+        )
+        pending.switch_to_adversarial(buckets)
+        if not self._bound_to_operands:
+            pending.storage = tuple(p.data_ptr() for p in self._params())
+        self._pending = pending
 
     def _count_skip(self, skipped):
         if self.skipped_steps is None:
@@ -527,83 +523,67 @@ class PreSAM(Optimizer):
 
     @torch.no_grad()
     def _second_step(self, zero_grad: bool = False, grad_scaler=None):
-        if self._pending is None:
+        pending = self._pending
+        if pending is None:
             raise RuntimeError(
                 "second_step() was called without first_step(); the order is: backward, "
                 "first_step(), backward at the perturbed point, second_step()"
             )
         scaler = amp.active(grad_scaler)
-        if scaler is not None and self._first_found_inf is None:
+        if scaler is not None and not pending.grad_scaler_used:
             raise RuntimeError(
                 "second_step() got grad_scaler but first_step() did not; pass the same "
                 "GradScaler to both steps"
             )
-        if scaler is None and self._first_found_inf is not None:
+        if scaler is None and pending.grad_scaler_used:
             raise RuntimeError(
                 "first_step() got grad_scaler but second_step() did not, so the base step would "
                 "use scaled gradients; pass the same GradScaler to both steps"
             )
-        if self._moved_since_first_step():
+        if self._moved_since_first_step(pending):
             raise RuntimeError(
                 "the parameters were moved, converted or replaced between first_step() and "
                 "second_step() (model.to(), p.data = ...), so x can no longer be restored in place; "
                 "call opt.restore() (writes x into them where they are now), then take the step again"
             )
-        found_second = amp.unscale_second_pass(self, scaler, self._pending) if scaler else None
-        tables, perturbed = self._pending, self._pending_perturbed
-        self._pending = self._pending_perturbed = None
-        if self._bound_to_operands and any(t.merged or t.out_of_place for t in tables):
-            self._pending, self._pending_perturbed = tables, perturbed
+        if self._bound_to_operands and any(t.merged or t.out_of_place for t in pending.tables):
             raise RuntimeError(
                 "first_step() ran outside torch.compile and second_step() inside it, with flat rows "
                 "or out-of-place perturbation, which the compiled step cannot undo; compile both "
                 "steps or neither (opt.restore() puts the parameters back at x)"
             )
-        self._switch_back()
+        found_second = amp.unscale_second_pass(self, scaler, pending.tables) if scaler else None
+        self._pending = None
+        pending.switch_back()
         self.last_step_fused = False
         if scaler is not None:
             # Host read of the scaler's own flags, as GradScaler.step does.
-            first_bad = bool(self._first_found_inf)
+            first_bad = bool(pending.first_pass_skipped)
             second_bad = bool(found_second.sum() > 0)
-            amp.record_found_inf(self, scaler, self._first_found_inf, found_second)
-            self._first_found_inf = None
+            amp.record_found_inf(self, scaler, pending.first_pass_skipped, found_second)
             if second_bad and not first_bad:
-                self._roll_back_ema()
+                if pending.ema_ready_before is not None:
+                    self._ema_ready.roll_back(self._buckets, pending.ema_ready_before)
                 self._count_skip(torch.ones((), dtype=torch.bool, device=self.skipped_steps.device))
             if first_bad or second_bad:
-                self._backend.restore(tables)
+                self._restore(pending)
                 if zero_grad:
                     self.zero_grad()
                 return
-        if not self._fused_step(tables, perturbed):
-            self._backend.restore(tables)
+        if not self._fused_step(pending.tables, pending.group_perturbed):
+            self._restore(pending)
             self._base_step()
         if zero_grad:
             self.zero_grad()
 
-    # -- out-of-place perturbation and the fused base update ----------------
-    def _moved_since_first_step(self) -> bool:
-        return (
-            self._pending_storage is not None
-            and not self._bound_to_operands
-            and self._storage_of_params() != self._pending_storage
-        )
+    def _restore(self, pending):
+        """x <- backup for every row the pending step's perturbation wrote."""
+        if pending.perturbation is not None:
+            self._backend.restore(pending.perturbation)
 
-    def _restore_moved(self):
-        """restore() after parameters were moved or replaced mid-step: x, from
-        where first_step kept it, copied into each perturbed parameter as it is
-        now (converting dtype and device)."""
-        own = {id(p): data for p, data in self._switched}  # out of place: x is the parameter's own storage
-        for bucket, table in zip(self._buckets, self._pending):
-            for i in _perturbed_members(bucket, table):
-                p = bucket.params[i]
-                if id(p) not in own:
-                    local(p.data).copy_(bucket.views(bucket.backup)[i])
-                elif p.data_ptr() == bucket.adversarial_view(i).data_ptr() and p.dtype == bucket.dtype:
-                    p.data = own[id(p)]  # this one was not moved: point it back
-                else:
-                    local(p.data).copy_(own[id(p)])
-        self._switched = []
+    def _moved_since_first_step(self, pending) -> bool:
+        # Bound to torch.compile's operands, the parameters point at the op's copies: not a move.
+        return not self._bound_to_operands and pending.moved(self._params())
 
     def _out_of_place(self, bucket) -> bool:
         """Whether ``bucket`` is perturbed out of place this step."""
@@ -616,49 +596,33 @@ class PreSAM(Optimizer):
         threshold = _OUT_OF_PLACE_MIN_AVG.get(bucket.device.type)
         return threshold is not None and bucket.numel >= threshold * len(bucket.params)
 
-    def _switch_to_adversarial(self, tables, buckets, perturbed):
-        """Out of place: point each perturbed parameter's .data at its slice of x + e
-        (same shape and strides); its own storage, holding x, is kept for the way back."""
-        for bucket, table in zip(buckets, tables):
-            if not table.out_of_place:
-                continue
-            for i, p in enumerate(bucket.params):
-                if p.grad is not None and perturbed[bucket.group_index[i]]:
-                    self._switched.append((p, p.data))
-                    p.data = bucket.adversarial_view(i)
-
-    def _switch_back(self):
-        """Point every switched parameter at its own storage again (x, exactly)."""
-        for p, data in self._switched:
-            p.data = data
-        self._switched = []
-
     def _fused_step(self, tables, perturbed) -> bool:
         """restore + base step as one kernel per bucket, where the backend has
-        one and ``base_update`` covers the base optimizer; False (nothing done)
-        otherwise."""
-        fused = getattr(self._backend, "restore_and_step", None)
-        if fused is None:
-            return False
+        one for these rows and ``base_update`` covers the base optimizer; False
+        (nothing done) otherwise."""
         kind = base_update.covered(self.base_optimizer)
         if kind is None or self._layout_key() != self._layout:
             return False
         buckets = self._buckets
-        if self.flatten and not self._bound_to_operands:
-            for bucket in buckets:
-                for i in range(len(bucket.params)):
-                    if not bucket.in_place(i):
-                        bucket.readopt(i)
+        self._readopt_flat()
         now = [b.table(perturbed, out_of_place=t.out_of_place, merge=t.merged) for b, t in zip(buckets, tables)]
         if any(n.offsets != t.offsets or n.lengths != t.lengths for n, t in zip(now, tables)):
             return False  # the second pass's gradients cover other rows than the perturbation
-        plan = base_update.plan(kind, self.base_optimizer, buckets, self.state)
-        if plan is None:
+        plans = []
+
+        def prepare():
+            # Called by the backend once it knows it can run: only then is the
+            # base state adopted into the flat buffers.
+            plan = base_update.plan(kind, self.base_optimizer, buckets, self.state)
+            if plan is None:
+                return None
+            plan.adopt()
+            plans.append(plan)
+            return plan.update
+
+        if not self._backend.restore_and_step(now, buckets, prepare):
             return False
-        plan.adopt()
-        if not fused(now, buckets, plan.update):
-            return False
-        plan.commit()
+        plans[0].commit()
         self.base_optimizer._opt_called = True  # as an LRScheduler's wrapper of its step would
         self.last_step_fused = True
         return True
@@ -676,14 +640,6 @@ class PreSAM(Optimizer):
         finally:
             for p, view in hidden.items():
                 self.state[p][GRAD_EMA] = view
-
-    def _roll_back_ema(self):
-        if not self.preconditioner.objective.has_state:
-            return
-        for b in self._buckets:
-            b.grad_ema.copy_(b.grad_ema_prev)
-        for device, flag in self._ema_ready_before.items():
-            self._ema_ready[device].copy_(flag)
 
     def second_step(self, zero_grad: bool = False, grad_scaler=None):
         """Restore x exactly and let the base optimizer step with the gradient
@@ -732,7 +688,7 @@ class PreSAM(Optimizer):
         and nothing pending. Returns the loss at x when the closure computed it,
         else the loss at x + e.
         """
-        if closure is None and first_pass == "done" and self._pending is not None:
+        if closure is None and first_pass == "done" and self._step_pending():
             closure = _no_second_pass  # the caller took the second backward already
         if closure is None:
             if _called_from_checkpoint_state_init():
@@ -752,9 +708,9 @@ class PreSAM(Optimizer):
             )
         if first_pass not in FIRST_PASS_MODES:
             raise ValueError(f"first_pass must be one of {FIRST_PASS_MODES}, got {first_pass!r}")
-        if first_pass == "done" and self._pending is None:
+        if first_pass == "done" and not self._step_pending():
             raise RuntimeError("step(closure, first_pass='done') needs a first_step() before it")
-        if first_pass != "done" and self._pending is not None:
+        if first_pass != "done" and self._step_pending():
             raise RuntimeError(
                 "first_step() already ran: finish the step with second_step() or "
                 "step(closure, first_pass='done'), or call restore()"
@@ -817,14 +773,14 @@ class PreSAM(Optimizer):
     def restore(self):
         """Put the parameters back at x after a failed second pass (for example
         out of memory) and forget the pending step. A no-op without one."""
-        if self._pending is not None:
-            if self._moved_since_first_step():
-                self._restore_moved()
+        pending = self._pending
+        if pending is not None:
+            if self._moved_since_first_step(pending):
+                pending.restore_moved(self._buckets)
             else:
-                self._switch_back()
-                self._backend.restore(self._pending)
-            self._pending = self._pending_perturbed = self._pending_storage = None
-            self._first_found_inf = None
+                pending.switch_back()
+                self._restore(pending)
+            self._pending = None  # only now: a restore that raised stays pending, to be retried
         self._mark_gradients_seen()
 
     def zero_grad(self, set_to_none: bool | None = None):
@@ -895,7 +851,7 @@ class PreSAM(Optimizer):
                     sd["state"][index] = {
                         **entry,
                         GRAD_EMA: entry[GRAD_EMA].clone(),
-                        GRAD_EMA_READY: self._ready_flag(params[index].device).clone(),
+                        GRAD_EMA_READY: self._ema_ready.flag(params[index].device).clone(),
                     }
         return sd
 
@@ -937,9 +893,7 @@ class PreSAM(Optimizer):
             for bucket in self._buckets:
                 if bucket.grad_ema is not None:
                     bucket.grad_ema.zero_()
-            for flag in self._ema_ready.values():
-                flag.zero_()
-            self._host_ema_started = False
+            self._ema_ready.reset()
         # Saved keys are whatever the saved groups list (indices, or FQNs when
         # torch.distributed.checkpoint rekeyed them), in our parameters' order.
         saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
@@ -947,9 +901,7 @@ class PreSAM(Optimizer):
         self._attach_state_views({param_of[k]: mine[GRAD_EMA] for k, mine in ours.items() if GRAD_EMA in mine})
         for key, mine in ours.items():
             if GRAD_EMA_READY in mine:
-                p = param_of[key]
-                self._ready_flag(p.device).copy_(mine[GRAD_EMA_READY])
-                self._host_ema_started = True
+                self._ema_ready.load(param_of[key].device, mine[GRAD_EMA_READY])
 
     def _check_loadable(self, state_dict, ours):
         """Raise ValueError for a checkpoint whose entries do not fit our
@@ -1027,15 +979,18 @@ def _called_from_checkpoint_state_init(max_depth: int = 8) -> bool:
     return False
 
 
-def _perturbed_members(bucket, table):
-    """The bucket's indices of the parameters ``table``'s perturbed rows cover."""
-    if table.members is not None:
-        return [i for r, i in enumerate(table.members) if table.perturbed[r]]
-    out = []
-    for start, length, perturbed in zip(table.offsets, table.lengths, table.perturbed):
-        if perturbed:
-            out += [i for i, offset in enumerate(bucket.offsets) if start <= offset < start + length]
-    return out
+def _migrate_pickled_before_ema_ready(state):
+    """An optimizer pickled before EmaReady (issue 14) kept the ready flags as a
+    dict beside ``_host_ema_started``, and the pending step's parts as attributes
+    of their own (None or empty, since pickling refuses mid-step)."""
+    if isinstance(state.get("_ema_ready"), dict):
+        ready = EmaReady()
+        ready.flags = state["_ema_ready"]
+        ready.known = bool(state.get("_host_ema_started", False))
+        state["_ema_ready"] = ready
+    for old in ("_host_ema_started", "_first_found_inf", "_switched", "_pending_perturbed", "_pending_storage",
+                "_ema_ready_before"):
+        state.pop(old, None)
 
 
 def _no_second_pass():

@@ -52,23 +52,22 @@ def test_cuda_graph_capture_replays_perturb_and_restore(spec):
     shapes = [(257, 33), (4097,), (7,)]
     params, buckets = flat_problem(shapes, torch.float32, spec)
     ref_params, ref_buckets = flat_problem(shapes, torch.float32, spec)
-    first = torch.zeros((), device=DEVICE)
+    ema_ready = torch.ones((), device=DEVICE)
     tables = [b.table([True]) for b in buckets]
     perturbed = torch.empty_like(buckets[0].flat_param)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up: compile, cache the device table and rho
-        triton_backend.perturb(tables, buckets, spec, [0.05], first)
-        triton_backend.restore(tables)
+        triton_backend.restore(triton_backend.perturb(tables, buckets, spec, [0.05], ema_ready))
         ref_tables = [b.table([True]) for b in ref_buckets]
-        eager.perturb(ref_tables, ref_buckets, spec, [0.05], first)
-        eager.restore(ref_tables)
+        eager.restore(eager.perturb(ref_tables, ref_buckets, spec, [0.05], ema_ready))
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        norm, _ = triton_backend.perturb(tables, buckets, spec, [0.05], first)
+        done = triton_backend.perturb(tables, buckets, spec, [0.05], ema_ready)
+        norm = done.norm
         perturbed.copy_(buckets[0].flat_param)
-        triton_backend.restore(tables)
+        triton_backend.restore(done)
     for step in range(3):
         gen = torch.Generator(device=DEVICE).manual_seed(100 + step)
         new_grad = torch.randn(buckets[0].numel, generator=gen, device=DEVICE)
@@ -76,10 +75,11 @@ def test_cuda_graph_capture_replays_perturb_and_restore(spec):
         ref_buckets[0].flat_grad.copy_(new_grad)
         before = buckets[0].flat_param.clone()
         graph.replay()
-        ref_norm, _ = eager.perturb(ref_tables, ref_buckets, spec, [0.05], first)
+        ref = eager.perturb(ref_tables, ref_buckets, spec, [0.05], ema_ready)
+        ref_norm = ref.norm
         torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
         torch.testing.assert_close(perturbed, ref_buckets[0].flat_param, rtol=1e-5, atol=1e-6)
-        eager.restore(ref_tables)
+        eager.restore(ref)
         assert torch.equal(buckets[0].flat_param.view(torch.int32), before.view(torch.int32))
         if spec.objective.has_state:
             torch.testing.assert_close(buckets[0].grad_ema, ref_buckets[0].grad_ema, rtol=1e-5, atol=1e-7)
@@ -93,8 +93,8 @@ def test_low_precision_params_round_to_nearest_on_hardware(dtype):
     shapes = [(1000, 97), (4097,)]
     params, buckets = flat_problem(shapes, dtype, spec)
     ref_params, ref_buckets = flat_problem(shapes, dtype, spec)
-    triton_backend.perturb([b.table([True]) for b in buckets], buckets, spec, [0.5], True)
-    eager.perturb([b.table([True]) for b in ref_buckets], ref_buckets, spec, [0.5], True)
+    triton_backend.perturb([b.table([True]) for b in buckets], buckets, spec, [0.5], False)
+    eager.perturb([b.table([True]) for b in ref_buckets], ref_buckets, spec, [0.5], False)
     for p, q in zip(params, ref_params):
         ulps = ulp_distance(p.detach(), q.detach())
         assert int(ulps.max()) <= 1
@@ -107,7 +107,8 @@ def _big_step(numel, dtype):
     x0 = buckets[0].flat_param.clone()
     g = buckets[0].flat_grad
     tables = [b.table([True]) for b in buckets]
-    norm, skipped = triton_backend.perturb(tables, buckets, spec, [0.05], True)
+    done = triton_backend.perturb(tables, buckets, spec, [0.05], False)
+    norm, skipped = done.norm, done.skipped
     ref_norm = torch.linalg.vector_norm(g.float())
     torch.testing.assert_close(norm, ref_norm, rtol=1e-4, atol=0)
     assert not bool(skipped)
@@ -115,7 +116,7 @@ def _big_step(numel, dtype):
     for sl in (slice(0, 1024), slice(numel - 1024, numel)):
         expected = (x0[sl].float() + g[sl].float() * (0.05 / (ref_norm + 1e-12))).to(dtype)
         torch.testing.assert_close(buckets[0].flat_param[sl].float(), expected.float(), rtol=2**-7, atol=1e-6)
-    triton_backend.restore(tables)
+    triton_backend.restore(done)
     assert torch.equal(buckets[0].flat_param, x0)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import eager
+from ..protocol import Perturbation
 from ...preconditioners import Objective, Preconditioner
 from . import k1_reduce, k2_perturb, k3_restore, k4_restore_step
 from .table import (
@@ -36,20 +37,20 @@ from .table import (
 name = "triton"
 
 
-
 def unscale_(tables, inv_scale, found_inf):
     """Divide the gradients by the loss scale in place, recording overflow (eager)."""
     eager.unscale_(tables, inv_scale, found_inf)
 
 
-def _device_tables(tables, buckets, spec: Preconditioner, chunk: int):
-    """One device table per bucket, or None when any row needs the eager path."""
+def _device_tables(tables, buckets, chunk: int, needs_ema: bool = False):
+    """One device table per bucket (None for a bucket without rows), or None
+    when any row needs the eager path (or the base step, for K4)."""
     out = []
     for table, bucket in zip(tables, buckets):
         if not len(table):
             out.append(None)
             continue
-        if saved_buffer(bucket, table) is None or (spec.objective.has_state and bucket.grad_ema is None):
+        if saved_buffer(bucket, table) is None or (needs_ema and bucket.grad_ema is None):
             return None
         dev = device_table(bucket, table, chunk)
         if dev is None:
@@ -58,23 +59,32 @@ def _device_tables(tables, buckets, spec: Preconditioner, chunk: int):
     return out
 
 
-def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
+def _not_ready_flag(ema_ready, device):
+    """The kernels' per-step flag: 1.0 while the EMA is not ready (K1 and K2
+    read 1 - ema_ready), or None where the host knows it is not (the
+    first-step specialization reads no flag)."""
+    if ema_ready is False:
+        return None
+    if isinstance(ema_ready, torch.Tensor):
+        return 1.0 - ema_ready.to(device=device, dtype=torch.float32)
+    return torch.zeros((), dtype=torch.float32, device=device)
+
+
+def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=None) -> Perturbation:
     """x <- x + e for every row (one global norm over all tables), backup <- x,
     EMA <- m_new; a non-finite norm or ``found_inf`` > 0 writes only backup.
-    Returns (norm, skipped): 0-d fp32 and 0-d bool device tensors."""
+    The norm and skipped flag are 0-d fp32 and bool device tensors; the path
+    is "eager" where the kernels cannot walk a row (the whole call goes there)."""
     device = buckets[0].device
     dev_tables = None
+    stateful = spec.objective is not Objective.GRADIENT
     if all(b.device == device for b in buckets) and supported_device(device):
         programs, chunk, partials_block = launch_config(device)
-        dev_tables = _device_tables(tables, buckets, spec, chunk)
+        dev_tables = _device_tables(tables, buckets, chunk, needs_ema=stateful)
     if dev_tables is None:
-        for table in tables:
-            table.backend_state = None
-        return eager.perturb(tables, buckets, spec, rhos, first, found_inf)
+        return eager.perturb(tables, buckets, spec, rhos, ema_ready, found_inf)
 
     active = [(t, b, d) for t, b, d in zip(tables, buckets, dev_tables) if d is not None and d.n_rows]
-    for table in tables:
-        table.backend_state = None
     if found_inf is not None:
         found_inf = found_inf.to(device=device, dtype=torch.float32)
     if not active:
@@ -82,20 +92,14 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
         skipped = torch.zeros((), dtype=torch.bool, device=device)
         if found_inf is not None:
             skipped = found_inf.reshape(()) > 0
-        return norm, skipped
+        return Perturbation(norm, skipped, path=name, tables=[], plans=[])
 
-    stateful = spec.objective is not Objective.GRADIENT
-    first_step = not stateful or first is True
-    if first_step:
-        first_t = None
-    elif isinstance(first, torch.Tensor):
-        first_t = first.to(device=device, dtype=torch.float32)
-    else:
-        first_t = torch.full((), float(first), dtype=torch.float32, device=device)
-    variant = (spec.objective, spec.constraint, first_step)
+    not_ready = _not_ready_flag(ema_ready, device) if stateful else None
+    # The launchers' variant names the first-step specialization (FIRST_STEP = not ema_ready).
+    variant = (spec.objective, spec.constraint, not_ready is None)
     spec_args = (spec.ema_weight, 1.0 - spec.ema_weight, 1.0 - spec.ema_weight, spec.delta, spec.eta)
     n_partials = programs * len(active)
-    partials = partials_buffer(device, n_partials)
+    partials = partials_buffer(buckets[0], n_partials)
     rho = rho_tensor(rhos, device)
     norm = torch.empty((), dtype=torch.float32, device=device)
     skipped = torch.empty((), dtype=torch.uint8, device=device)
@@ -103,38 +107,39 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
     def state(table, bucket):
         backup = saved_buffer(bucket, table)  # out of place: the adversarial buffer
         ema = bucket.grad_ema if stateful else backup  # unused when stateless
-        return backup, ema, backup if first_t is None else first_t  # first: unused on the first step
+        return backup, ema, backup if not_ready is None else not_ready  # flag: unused on the first step
 
     for k, (table, bucket, dev) in enumerate(active):
-        backup, ema, first_arg = state(table, bucket)
-        k1_reduce.launch_reduce(dev, backup, ema, first_arg, partials, k * programs, programs, chunk, spec_args, variant)
+        backup, ema, not_ready_arg = state(table, bucket)
+        k1_reduce.launch_reduce(dev, backup, ema, not_ready_arg, partials, k * programs, programs, chunk, spec_args, variant)
+    plans = []
     for k, (table, bucket, dev) in enumerate(active):
-        backup, ema, first_arg = state(table, bucket)
+        backup, ema, not_ready_arg = state(table, bucket)
         k2_perturb.launch_perturb(
-            dev, backup, ema, first_arg, partials, n_partials, rho, found_inf, norm, skipped,
+            dev, backup, ema, not_ready_arg, partials, n_partials, rho, found_inf, norm, skipped,
             programs, chunk, spec_args, spec.eps_norm, variant, write_norm=k == 0, out_of_place=table.out_of_place,
             partials_block=partials_block,
         )
-        table.backend_state = (dev, backup, programs, chunk)
-    return norm, skipped.view(torch.bool)
+        plans.append((dev, backup, programs, chunk))  # what K3 needs to undo this table
+    return Perturbation(norm, skipped.view(torch.bool), path=name, tables=[t for t, _, _ in active], plans=plans)
 
 
-def restore(tables):
+def restore(perturbation: Perturbation):
     """x <- backup, bit for bit, for every perturbed row."""
-    for table in tables:
-        if not len(table) or table.out_of_place:
+    if perturbation.path != name:
+        eager.restore(perturbation)  # not perturbed by K2
+        return
+    for table, (dev, backup, programs, chunk) in zip(perturbation.tables, perturbation.plans):
+        if table.out_of_place:
             continue
-        launch = table.backend_state
-        if launch is None or launch[0].param_addresses != tuple(p.data_ptr() for p in table.params):
-            eager.restore([table])  # not perturbed by K2, or a parameter was re-pointed since
+        if dev.param_addresses != tuple(p.data_ptr() for p in table.params):
+            eager.restore_tables([table])  # a parameter was re-pointed since
             continue
-        dev, backup, programs, chunk = launch
-        if dev.n_rows:
-            k3_restore.launch_restore(dev, backup, programs, chunk)
+        k3_restore.launch_restore(dev, backup, programs, chunk)
 
 
-def restore_and_step(tables, buckets, update) -> bool:
-    """x <- the base optimizer's update (``update``: a ``base_update.Update``)
+def restore_and_step(tables, buckets, prepare) -> bool:
+    """x <- the base optimizer's update (``prepare()``: a ``base_update.Update``)
     of the saved x, with the gradients in ``tables`` (the second pass's rows,
     the same rows the perturbation wrote); writes the base state in place.
 
@@ -143,22 +148,17 @@ def restore_and_step(tables, buckets, update) -> bool:
     device = buckets[0].device
     if not (all(b.device == device for b in buckets) and supported_device(device)):
         return False
-    if len(tables) != len(buckets) or len(update.state) != len(buckets):
+    if len(tables) != len(buckets):
         return False
     if any(b.dtype == torch.float64 for b in buckets):
         return False  # K4 computes in fp32 from fp32 hyperparameters: fp64 takes torch's own step
     programs, chunk, _ = launch_config(device)
-    dev_tables = []
-    for table, bucket in zip(tables, buckets):
-        if not len(table):
-            dev_tables.append(None)
-            continue
-        if saved_buffer(bucket, table) is None:
-            return False
-        dev = device_table(bucket, table, chunk)
-        if dev is None:
-            return False
-        dev_tables.append(dev)
+    dev_tables = _device_tables(tables, buckets, chunk)
+    if dev_tables is None:
+        return False
+    update = prepare()
+    if update is None or len(update.state) != len(buckets):
+        return False
     hyper = hyper_tensor(update.hyper, k4_restore_step.HYPER_WIDTH.value, device)
     keys = {"sgd": ("momentum_buffer", None), "adam": ("exp_avg", "exp_avg_sq")}[update.kind]
     for table, bucket, dev, flats in zip(tables, buckets, dev_tables, update.state):

@@ -287,14 +287,17 @@ def hyper_tensor(rows, width: int, device: torch.device) -> torch.Tensor:
     return out
 
 
-_partials: dict = {}
+# Per optimizer, through the step's first bucket: two optimizers never share
+# one (their steps may run on different streams, or one be captured in a CUDA
+# graph that another's larger buffer would free under it).
+_partials: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def partials_buffer(device: torch.device, n: int) -> torch.Tensor:
-    """One fp32 slot per program per bucket; every K1 program writes its slot,
-    so the buffer is never cleared."""
-    buf = _partials.get(device)
+def partials_buffer(owner, n: int) -> torch.Tensor:
+    """One fp32 slot per program per bucket, kept with ``owner`` (the step's
+    first bucket); every K1 program writes its slot, so it is never cleared."""
+    buf = _partials.get(owner)
     if buf is None or buf.numel() < n:
-        buf = torch.empty(n, dtype=torch.float32, device=device)
-        _partials[device] = buf
+        buf = torch.empty(n, dtype=torch.float32, device=owner.device)
+        _partials[owner] = buf
     return buf
