@@ -11,9 +11,10 @@ TRITON_INTERPRET=1, which runs the same host code (the launches are stubbed,
 so the interpreter never runs a kernel); ``perturb="in_place"`` as
 ``perturb="auto"`` picks on CUDA.
 
-Providers: ``python_tables`` (table.py's Python path, the fallback where the
-extension is not built) and ``cpp_tables`` (the check and the cache of the
-device table in C++, csrc/host.cpp). Regimes: ``kept`` gradients (the steady
+Providers: ``python_host`` (the Python path, the fallback where the
+extension is not built, and all there was before issue 15) and ``cpp_host``
+(csrc/host.cpp: the layout check and cache of the device tables, and the
+optimizer's scans over its parameters, ``presam_kernels._host``). Regimes: ``kept`` gradients (the steady
 state: the same addresses every step, every table a cache hit) and ``fresh``
 gradients (new tensors before each step, untimed: every table rebuilt).
 """
@@ -32,6 +33,7 @@ import shapes  # noqa: E402
 pytest.importorskip("triton")
 
 import presam_kernels  # noqa: E402
+from presam_kernels import _host  # noqa: E402
 from presam_kernels import SAM  # noqa: E402
 
 # Every dimension capped at this: sizes do not matter for host time.
@@ -42,7 +44,7 @@ ROUNDS = 30
 HOST_SETS = ("gpt2_medium", "resnet50")  # issue 15's two targets
 # Issue 15's targets, ms per step (reported by bench/report.py, never asserted).
 TARGET_MS = {"gpt2_medium": 0.15, "resnet50": 0.1}
-PROVIDERS = ("python_tables", "cpp_tables")
+PROVIDERS = ("python_host", "cpp_host")
 REGIMES = ("kept", "fresh")
 
 
@@ -64,11 +66,9 @@ def _device(bench):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("host_set", HOST_SETS)
 def test_host_overhead(benchmark, bench, monkeypatch, host_set, provider, regime):
-    from presam_kernels.backends.triton import table as triton_table
-
-    if provider == "cpp_tables" and not triton_table.native_tables_available():
+    if provider == "cpp_host" and not presam_kernels.extension_available():
         pytest.skip("the C++ extension is not built")
-    monkeypatch.setattr(triton_table, "USE_NATIVE", provider == "cpp_tables")
+    monkeypatch.setattr(_host, "USE_NATIVE", provider == "cpp_host")
     launched = _stub_launches(monkeypatch)
     shape_list = shapes.SETS[host_set]()
     if bench.smoke:

@@ -5,7 +5,8 @@
 // nothing it holds has changed. The Python path of table.py does the same where
 // the extension is not built; this one takes ~30 ns a row instead of ~2 us.
 //
-// Also the module `presam_kernels._C` itself: loading it registers the
+// Also the optimizer's per-step scans over its parameters (presam_kernels/_host.py),
+// and the module `presam_kernels._C` itself: loading it registers the
 // presam_cpp:: ops of ops.cpp (static initialisers).
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -193,6 +195,49 @@ class DeviceTables {
   std::vector<int64_t> key_;  // this call's key, kept to reuse its allocation
 };
 
+// -- scans over the optimizer's parameters (presam_kernels/_host.py) -------------
+
+// A tensor's data address as Python's data_ptr() gives it; a subclass answers
+// for itself (a wrapper such as DTensor has no storage of its own).
+int64_t data_address(PyObject* obj) {
+  if (THPVariable_CheckExact(obj)) return address(THPVariable_Unpack(obj));
+  py::object ptr = py::reinterpret_borrow<py::object>(obj).attr("data_ptr")();
+  return ptr.cast<int64_t>();
+}
+
+// (identity, device, dtype) of every parameter, packed: the optimizer's layout
+// key, which only ever meets ==.
+py::bytes layout_key(const py::list& params) {
+  std::string out(params.size() * 3 * sizeof(int64_t), '\0');
+  int64_t* w = reinterpret_cast<int64_t*>(out.data());
+  for (size_t i = 0; i < params.size(); ++i, w += 3) {
+    PyObject* obj = PyList_GET_ITEM(params.ptr(), i);
+    TORCH_CHECK(THPVariable_Check(obj), "layout_key: parameter ", i, " is not a tensor");
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    w[0] = reinterpret_cast<int64_t>(obj);
+    w[1] = static_cast<int64_t>(t.device().type()) << 16 | static_cast<uint16_t>(t.device().index());
+    w[2] = static_cast<int64_t>(t.scalar_type());
+  }
+  return py::bytes(out);
+}
+
+// Every tensor's data address, packed (compared with == only).
+py::bytes data_addresses(const py::list& tensors) {
+  std::string out(tensors.size() * sizeof(int64_t), '\0');
+  int64_t* w = reinterpret_cast<int64_t*>(out.data());
+  for (size_t i = 0; i < tensors.size(); ++i) w[i] = data_address(PyList_GET_ITEM(tensors.ptr(), i));
+  return py::bytes(out);
+}
+
+// Whether any parameter has a sparse (COO) gradient.
+bool any_sparse_grad(const py::list& params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    py::object grad = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(params.ptr(), i)).attr("grad");
+    if (THPVariable_Check(grad.ptr()) && THPVariable_Unpack(grad.ptr()).layout() == at::kSparse) return true;
+  }
+  return false;
+}
+
 }  // namespace
 }  // namespace presam
 
@@ -207,4 +252,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("is_weight"), py::arg("perturbed"), py::arg("saved"), py::arg("ema"), py::arg("chunk"),
            py::arg("build"))
       .def("__len__", &presam::DeviceTables::size);
+  m.def("layout_key", &presam::layout_key, py::arg("params"));
+  m.def("data_addresses", &presam::data_addresses, py::arg("tensors"));
+  m.def("any_sparse_grad", &presam::any_sparse_grad, py::arg("params"));
 }

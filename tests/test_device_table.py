@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from presam_kernels import _host  # noqa: E402
 from presam_kernels.backends.triton import table as triton_table  # noqa: E402
 from presam_kernels.buckets import build_buckets  # noqa: E402
 
@@ -29,7 +30,7 @@ def uploads(request, monkeypatch):
     native = request.param == "cpp"
     if native and not triton_table.native_tables_available():
         pytest.skip("the C++ extension is not built")
-    monkeypatch.setattr(triton_table, "USE_NATIVE", native)
+    monkeypatch.setattr(_host, "USE_NATIVE", native)
     built = []
     original = triton_table._upload
     monkeypatch.setattr(triton_table, "_upload", lambda *args: built.append(args) or original(*args))
@@ -232,7 +233,7 @@ def test_cpp_and_python_paths_build_the_same_table(monkeypatch, layout):
     perturbed = [True, False] if layout == "rho_zero_group" else [True]
     built = {}
     for native in (True, False):
-        monkeypatch.setattr(triton_table, "USE_NATIVE", native)
+        monkeypatch.setattr(_host, "USE_NATIVE", native)
         dev = triton_table.device_table(bucket, bucket.table(perturbed, out_of_place=layout == "out_of_place"), CHUNK)
         built[native] = (rows_of(dev), dev.n_rows, dev.aligned, dev.param_addresses)
     assert built[True] == built[False]

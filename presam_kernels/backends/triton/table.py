@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _extension
+from ... import _extension, _host
 from ...buckets import _non_overlapping_and_dense
 
 # Elements per chunk, the unit of work a program takes at a time: 1024 keeps
@@ -105,9 +105,12 @@ def interpreting() -> bool:
     return isinstance(load_row, InterpretedFunction)
 
 
+_INTERPRETING = interpreting()  # fixed when this module's kernels were decorated
+
+
 def supported_device(device: torch.device) -> bool:
     """The interpreter dereferences host addresses; compiled kernels device ones."""
-    return device.type == "cpu" if interpreting() else device.type == "cuda"
+    return device.type == "cpu" if _INTERPRETING else device.type == "cuda"
 
 
 _programs: dict = {}
@@ -115,7 +118,7 @@ _programs: dict = {}
 
 def launch_config(device: torch.device) -> tuple[int, int, int]:
     """(programs per launch, elements per chunk, K2's partials per step) on ``device``."""
-    if interpreting():
+    if _INTERPRETING:
         return INTERPRETER_PROGRAMS, INTERPRETER_CHUNK, INTERPRETER_PARTIALS_BLOCK
     if device not in _programs:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -134,9 +137,6 @@ class DeviceTable:
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # bucket -> {key: DeviceTable}
 _native_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # bucket -> _C.DeviceTables
-# Whether device_table uses the C++ check and cache where the extension is
-# built (off: the Python path, e.g. to compare the two in bench/).
-USE_NATIVE = True
 
 
 def native_tables_available() -> bool:
@@ -158,8 +158,9 @@ def saved_buffer(bucket, table):
 def device_table(bucket, table, chunk: int) -> DeviceTable | None:
     """The device table of ``table`` (rows of ``bucket``), cached; None when a
     row cannot be walked as linear memory (the caller falls back to eager)."""
-    if USE_NATIVE and native_tables_available():
-        return _native_tables(bucket).get(
+    compiled = _host.native()
+    if compiled is not None:
+        return _native_tables(bucket, compiled).get(
             table.params, table.grads, table.members,
             None if table.members is not None else (table.adversarials if table.out_of_place else table.backups),
             None if table.members is not None else table.grad_emas,
@@ -191,14 +192,12 @@ def device_table(bucket, table, chunk: int) -> DeviceTable | None:
     return built
 
 
-def _native_tables(bucket):
+def _native_tables(bucket, compiled):
     """The bucket's C++ table cache, made once: it keeps the bucket's
     per-parameter layout to check each row against."""
     found = _native_cache.get(bucket)
     if found is None:
-        from ... import _C
-
-        found = _C.DeviceTables(
+        found = compiled.DeviceTables(
             bucket.dtype, bucket.device, [list(s) for s in bucket.shapes], [list(s) for s in bucket.strides],
             TABLES_PER_BUCKET,
         )
