@@ -46,3 +46,12 @@ def any_sparse_grad(params) -> bool:
     if compiled is not None:
         return compiled.any_sparse_grad(params)
     return any(p.grad is not None and p.grad.is_sparse for p in params)
+
+
+def rows_with_grads(params):
+    """(indices of the parameters that have a gradient, those gradients)."""
+    compiled = native()
+    if compiled is not None:
+        return compiled.rows_with_grads(params)
+    rows = [i for i, p in enumerate(params) if p.grad is not None]
+    return rows, [params[i].grad for i in rows]

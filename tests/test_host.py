@@ -72,3 +72,24 @@ def test_any_sparse_grad(path):
     assert not _host.any_sparse_grad(params)
     params[1].grad = torch.randn(5).to_sparse()
     assert _host.any_sparse_grad(params)
+
+
+def test_rows_with_grads_hands_out_the_gradients_themselves(path):
+    params = make_params()
+    params[0].grad = torch.randn(3, 4)
+    params[2].grad = torch.randn(2, 2)
+    rows, grads = _host.rows_with_grads(params)
+    assert rows == [0, 2]
+    assert grads[0] is params[0].grad and grads[1] is params[2].grad
+    params[0].grad = None
+    assert _host.rows_with_grads(params) == ([2], [params[2].grad])
+
+
+def test_rows_with_grads_asks_a_subclass(path):
+    class WithGrad(torch.Tensor):
+        @property
+        def grad(self):
+            return "its own"
+
+    t = torch.Tensor._make_subclass(WithGrad, torch.randn(3))
+    assert _host.rows_with_grads([torch.randn(2), t]) == ([1], ["its own"])
