@@ -13,14 +13,15 @@ from presam_kernels import _host  # noqa: E402
 from presam_kernels.backends.triton import table as triton_table  # noqa: E402
 from presam_kernels.buckets import build_buckets  # noqa: E402
 
-from conftest import DEVICE  # noqa: E402
-
+# The interpreter dereferences host addresses, compiled kernels device ones.
+DEVICE = torch.device("cpu") if triton_table.interpreting() else torch.device("cuda")
 CHUNK = 4
 SHAPES = [(4, 4), (7,), (3, 2, 2), (1,), (5, 3)]
 PATHS = ("cpp", "python")
 
 pytestmark = pytest.mark.skipif(
-    not triton_table.supported_device(DEVICE), reason="the kernels' device is not this test device"
+    not (triton_table.interpreting() or torch.cuda.is_available()),
+    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1 set before they are imported",
 )
 
 
