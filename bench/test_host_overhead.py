@@ -14,9 +14,10 @@ so the interpreter never runs a kernel); ``perturb="in_place"`` as
 Providers: ``python_host`` (the Python path, the fallback where the
 extension is not built, and all there was before issue 15) and ``cpp_host``
 (csrc/host.cpp: the layout check and cache of the device tables, and the
-optimizer's scans over its parameters, ``presam_kernels._host``). Regimes: ``kept`` gradients (the steady
-state: the same addresses every step, every table a cache hit) and ``fresh``
-gradients (new tensors before each step, untimed: every table rebuilt).
+optimizer's scans over its parameters, ``presam_kernels._host``).
+Regimes: ``kept`` gradients (the steady state: the same addresses every
+step, every table a cache hit) and ``fresh`` gradients (new tensors before
+each step, untimed: every table rebuilt).
 On a shared machine, ``--benchmark-timer=time.process_time`` counts this
 process's CPU time only (the host work is single-threaded), not the waits
 for a core; the table says which timer ran.
