@@ -46,7 +46,7 @@ def extension_build():
     vector_flags = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     extension = CppExtension(
         "presam_kernels._C",
-        ["csrc/ops.cpp"],
+        ["csrc/ops.cpp", "csrc/host.cpp"],
         # No FMA contraction: every variant rounds the same expression the same way
         # (infoSAM's first step is SAM bit for bit), whatever the compiler inlines.
         extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp", "-Wno-unknown-pragmas", *vector_flags],

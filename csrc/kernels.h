@@ -144,23 +144,32 @@ inline bool reads_x(bool is_weight) {
   return C == kAdaptive || (C == kAsam && is_weight);
 }
 
+// One vector of a row at element i (n lanes, zero-filled past the end), as K1
+// and K2 both start: g, x where needed (the constraint or the write) and m
+// loaded, and c u formed, with c and the EMA's next value.
+struct Lanes {
+  Vec x, cu, c, m_new;
+};
+
+template <typename T, int64_t D, int64_t C>
+inline Lanes precondition_at(const Row& r, int64_t i, int64_t n, bool load_x, bool is_weight, const Spec& s) {
+  Lanes v;
+  const Vec g = Io<T>::load(static_cast<const T*>(r.g) + i, n);
+  v.x = load_x ? Io<T>::load(static_cast<const T*>(r.x) + i, n) : Vec(0.f);
+  const Vec m = kReadsEma<D> ? Io<float>::load(r.m + i, n) : g;
+  v.cu = precondition<D, C>(g, v.x, m, is_weight, s, v.c, v.m_new);
+  return v;
+}
+
 // -- K1: sum of (c u)^2 over one chunk ------------------------------------------
 template <typename T, int64_t D, int64_t C>
 float chunk_sum_of_squares(const Row& r, int64_t begin, int64_t end, const Spec& s) {
-  const T* g = static_cast<const T*>(r.g);
-  const T* x = static_cast<const T*>(r.x);
-  const float* m = r.m;
   const bool is_weight = (r.flags & kFlagWeight) != 0;
   const bool load_x = reads_x<D, C>(is_weight);
   Vec acc[2] = {Vec(0.f), Vec(0.f)};
   int64_t k = 0;
   for (int64_t i = begin; i < end; i += kLanes, ++k) {
-    const int64_t n = std::min(kLanes, end - i);
-    Vec gv = Io<T>::load(g + i, n);
-    Vec xv = load_x ? Io<T>::load(x + i, n) : Vec(0.f);
-    Vec mv = kReadsEma<D> ? Io<float>::load(m + i, n) : gv;
-    Vec c, m_new;
-    Vec cu = precondition<D, C>(gv, xv, mv, is_weight, s, c, m_new);
+    const Vec cu = precondition_at<T, D, C>(r, i, std::min(kLanes, end - i), load_x, is_weight, s).cu;
     // Zero-filled lanes past the end give c u = 0 for every variant.
     acc[k & 1] = acc[k & 1] + cu * cu;
   }
@@ -175,24 +184,18 @@ float chunk_sum_of_squares(const Row& r, int64_t begin, int64_t end, const Spec&
 template <typename T, int64_t D, int64_t C>
 void chunk_perturb(const Row& r, int64_t begin, int64_t end, const Spec& s, float factor, bool out_of_place) {
   T* x = static_cast<T*>(r.x);
-  const T* g = static_cast<const T*>(r.g);
   T* saved = static_cast<T*>(r.saved);
-  float* m = r.m;
   const bool is_weight = (r.flags & kFlagWeight) != 0;
   const bool perturbed = (r.flags & kFlagPerturbed) != 0;
   const bool load_x = perturbed || reads_x<D, C>(is_weight);
   const Vec f(factor);
   for (int64_t i = begin; i < end; i += kLanes) {
     const int64_t n = std::min(kLanes, end - i);
-    Vec gv = Io<T>::load(g + i, n);
-    Vec xv = load_x ? Io<T>::load(x + i, n) : Vec(0.f);
-    Vec mv = kReadsEma<D> ? Io<float>::load(m + i, n) : gv;
-    Vec c, m_new;
-    Vec cu = precondition<D, C>(gv, xv, mv, is_weight, s, c, m_new);
-    if constexpr (D != kGradient) Io<float>::store(m + i, m_new, n);
+    const Lanes v = precondition_at<T, D, C>(r, i, n, load_x, is_weight, s);
+    if constexpr (D != kGradient) Io<float>::store(r.m + i, v.m_new, n);
     if (!perturbed) continue;
     // x + e = x + c * ((rho * scale) * (c u)), one fused multiply-add as eager's addcmul.
-    Vec adv = C == kNone ? at::vec::fmadd(cu, f, xv) : at::vec::fmadd(c, cu * f, xv);
+    Vec adv = C == kNone ? at::vec::fmadd(v.cu, f, v.x) : at::vec::fmadd(v.c, v.cu * f, v.x);
     if (out_of_place) {
       Io<T>::store(saved + i, adv, n);
     } else {

@@ -1,11 +1,10 @@
-// The presam_cpp:: ops: schemas (with what each op writes), CPU kernels over
-// the rows of one bucket, and the Python module that loads them. Fake kernels
-// live in presam_kernels/backends/cpp.py (torch.library.register_fake).
+// The presam_cpp:: ops: schemas (with what each op writes) and CPU kernels over
+// the rows of one bucket, registered when `presam_kernels._C` (host.cpp) is
+// loaded. Fake kernels live in presam_kernels/backends/cpp.py
+// (torch.library.register_fake).
 //
 // Every op checks every row before it writes anything: a bad call raises with
 // parameters and state untouched.
-#include <Python.h>
-
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
@@ -334,11 +333,4 @@ TORCH_LIBRARY_IMPL(presam_cpp, CPU, m) {
   m.impl("restore_", &presam::restore_);
   m.impl("rows_are_linear", &presam::rows_are_linear);
   m.impl("restore_step_", &presam::restore_step_);
-}
-
-// `import presam_kernels._C` loads this library, whose static initialisers
-// register the ops above; the module itself holds nothing.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "presam_cpp:: ops (fused CPU kernels)", -1, nullptr};
-  return PyModule_Create(&module);
 }

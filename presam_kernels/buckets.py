@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _host
+
 # Slices start on multiples of this many elements (64 B for fp32, 32 B for
 # bf16) so that every slice address is 16-byte aligned for vectorised loads.
 SLICE_ALIGN = 16
@@ -272,13 +274,12 @@ class Bucket:
         row per parameter with flatten=True too (the rows then reach the
         parameters through the tensors themselves, not the flat buffers)."""
         ema = self.grad_ema
-        rows = [i for i, p in enumerate(self.params) if p.grad is not None]
+        rows, grads = _host.rows_with_grads(self.params)  # a scan in C++ where the extension is built
         if self.flatten and merge:
             return self._merged_table(rows, group_perturbed, out_of_place)
         saved = self.views(self.ensure_adversarial() if out_of_place else self.ensure_backup())
         views = [saved[i] for i in rows]
         params = [self.params[i] for i in rows]
-        grads = [p.grad for p in params]
         if self.mesh is not None:
             params, grads = [local(p) for p in params], [local(g) for g in grads]
         emas = None if ema is None else self.views(ema)

@@ -338,8 +338,8 @@ def test_two_buckets_launch_twice_each(monkeypatch):
 
 def test_device_table_is_rebuilt_only_when_an_address_changes(monkeypatch):
     builds = []
-    original = triton_table._build
-    monkeypatch.setattr(triton_table, "_build", lambda *a: builds.append(1) or original(*a))
+    original = triton_table._upload  # every new device table, on the C++ and the Python path
+    monkeypatch.setattr(triton_table, "_upload", lambda *a: builds.append(1) or original(*a))
     params, buckets = make_problem(MIXED, torch.float32, False, SPECS["sam"])
     for _ in range(3):
         tables = [b.table([True]) for b in buckets]

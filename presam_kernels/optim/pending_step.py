@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _host
 from ..buckets import local
 
 
@@ -60,7 +61,7 @@ class PendingStep:
 
     def moved(self, params) -> bool:
         """Whether ``params`` were moved, converted or replaced since first_step."""
-        return self.storage is not None and tuple(p.data_ptr() for p in params) != self.storage
+        return self.storage is not None and _host.data_addresses(params) != self.storage
 
     def restore_moved(self, buckets):
         """restore() after parameters were moved or replaced: x, from where

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
-from .. import backends, base_update
+from .. import _host, backends, base_update
 from ..buckets import _is_dtensor, build_buckets, local
 from ..preconditioners import Constraint, Objective, Preconditioner, check_finite_number
 from . import amp, library_ops
@@ -325,7 +325,7 @@ class PreSAM(Optimizer):
         return p.ndim >= 2
 
     def _layout_key(self):
-        return tuple((id(p), p.device, p.dtype) for p in self._params())
+        return _host.layout_key(self._params())  # (id, device, dtype) per parameter
 
     def _ensure_buckets(self):
         """The buckets, rebuilt when parameters were added or moved to another
@@ -447,12 +447,11 @@ class PreSAM(Optimizer):
         return (~good).any().float()
 
     def _check_grads(self):
-        for p in self._params():
-            if p.grad is not None and p.grad.is_sparse:
-                raise RuntimeError(
-                    "sharpness-aware optimizers do not support sparse gradients; "
-                    "use dense gradients (e.g. nn.Embedding(..., sparse=False))"
-                )
+        if _host.any_sparse_grad(self._params()):
+            raise RuntimeError(
+                "sharpness-aware optimizers do not support sparse gradients; "
+                "use dense gradients (e.g. nn.Embedding(..., sparse=False))"
+            )
 
     # -- the two steps ------------------------------------------------------
     @torch.no_grad()
@@ -513,7 +512,7 @@ class PreSAM(Optimizer):
         )
         pending.switch_to_adversarial(buckets)
         if not self._bound_to_operands:
-            pending.storage = tuple(p.data_ptr() for p in self._params())
+            pending.storage = _host.data_addresses(self._params())
         self._pending = pending
 
     def _count_skip(self, skipped):

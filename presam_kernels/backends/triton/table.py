@@ -12,7 +12,10 @@ One table per bucket: a row per ``Table`` row, ``ROW_WIDTH`` int64 each::
 
 Parameters and gradients are reached through their addresses, so the table is
 rebuilt only when an address (or a row's metadata) changes: a host-side check
-of ``data_ptr()`` per step, a non-blocking copy when something moved.
+of ``data_ptr()`` per step, a non-blocking copy when something moved. The
+check and the cache run in C++ (csrc/host.cpp, ``_C.DeviceTables``) where the
+extension is built, in Python otherwise (``device_table``'s fallback), with the
+same rows, the same key and the same invalidations.
 
 The kernels loop with ``while``, not ``range``: under TRITON_INTERPRET every
 scalar is a 1-element array, and since NumPy 2.4 ``range`` cannot take one
@@ -20,6 +23,7 @@ scalar is a 1-element array, and since NumPy 2.4 ``range`` cannot take one
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -27,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _extension, _host
 from ...buckets import _non_overlapping_and_dense
 
 # Elements per chunk, the unit of work a program takes at a time: 1024 keeps
@@ -100,9 +105,12 @@ def interpreting() -> bool:
     return isinstance(load_row, InterpretedFunction)
 
 
+_INTERPRETING = interpreting()  # fixed when this module's kernels were decorated
+
+
 def supported_device(device: torch.device) -> bool:
     """The interpreter dereferences host addresses; compiled kernels device ones."""
-    return device.type == "cpu" if interpreting() else device.type == "cuda"
+    return device.type == "cpu" if _INTERPRETING else device.type == "cuda"
 
 
 _programs: dict = {}
@@ -110,7 +118,7 @@ _programs: dict = {}
 
 def launch_config(device: torch.device) -> tuple[int, int, int]:
     """(programs per launch, elements per chunk, K2's partials per step) on ``device``."""
-    if interpreting():
+    if _INTERPRETING:
         return INTERPRETER_PROGRAMS, INTERPRETER_CHUNK, INTERPRETER_PARTIALS_BLOCK
     if device not in _programs:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -127,7 +135,13 @@ class DeviceTable:
     host: torch.Tensor  # the (pinned) source of the copy, kept alive with it
 
 
-_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # bucket -> {key: DeviceTable}
+_native_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # bucket -> _C.DeviceTables
+
+
+def native_tables_available() -> bool:
+    """Whether the C++ extension (csrc/host.cpp) can check and cache the tables."""
+    return _extension.extension_available()
 
 
 def _plain(t) -> bool:
@@ -144,6 +158,15 @@ def saved_buffer(bucket, table):
 def device_table(bucket, table, chunk: int) -> DeviceTable | None:
     """The device table of ``table`` (rows of ``bucket``), cached; None when a
     row cannot be walked as linear memory (the caller falls back to eager)."""
+    compiled = _host.native()
+    if compiled is not None:
+        return _native_tables(bucket, compiled).get(
+            table.params, table.grads, table.members,
+            None if table.members is not None else (table.adversarials if table.out_of_place else table.backups),
+            None if table.members is not None else table.grad_emas,
+            table.offsets, table.lengths, table.group_index, table.is_weight, table.perturbed,
+            saved_buffer(bucket, table), bucket.grad_ema, chunk, functools.partial(_upload, bucket),
+        )
     backup = saved_buffer(bucket, table)
     ema = bucket.grad_ema
     key = (
@@ -167,6 +190,19 @@ def device_table(bucket, table, chunk: int) -> DeviceTable | None:
     while len(entries) > TABLES_PER_BUCKET:
         entries.pop(next(iter(entries)))
     return built
+
+
+def _native_tables(bucket, compiled):
+    """The bucket's C++ table cache, made once: it keeps the bucket's
+    per-parameter layout to check each row against."""
+    found = _native_cache.get(bucket)
+    if found is None:
+        found = compiled.DeviceTables(
+            bucket.dtype, bucket.device, [list(s) for s in bucket.shapes], [list(s) for s in bucket.strides],
+            TABLES_PER_BUCKET,
+        )
+        _native_cache[bucket] = found
+    return found
 
 
 def _row_is_linear(bucket, table, i) -> bool:
@@ -216,13 +252,20 @@ def _build(bucket, table, chunk: int) -> DeviceTable | None:
         rows.append((p_addr, g_addr, length, offset, chunk_start, table.group_index[i], flags, 0))
         chunk_start += (length + chunk - 1) // chunk  # not triton.cdiv: a jit-wrapped call, ~5 us a row
     host = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), ROW_WIDTH)
+    return _upload(bucket, host, len(rows), aligned, tuple(p.data_ptr() for p in table.params))
+
+
+def _upload(bucket, host, n_rows: int, aligned: bool, param_addresses: tuple) -> DeviceTable:
+    """A new device table from its host image ``host`` ([n_rows, ROW_WIDTH]
+    int64): copied to the bucket's device without a host sync (from pinned
+    memory, kept alive with it)."""
     if bucket.device.type == "cuda":
         host = host.pin_memory()
     return DeviceTable(
         rows=host.to(bucket.device, non_blocking=True),
-        n_rows=len(rows),
+        n_rows=n_rows,
         aligned=aligned,
-        param_addresses=tuple(p.data_ptr() for p in table.params),
+        param_addresses=param_addresses,
         host=host,
     )
 

@@ -1,0 +1,240 @@
+"""The Triton backend's device table (backends/triton/table.py ``device_table``):
+every row holds the current addresses and metadata, a cached table is
+handed out only while nothing it holds has changed, and a row the kernels
+cannot walk gives None (the eager path). Each test runs on both host paths:
+the C++ check and cache (csrc/host.cpp) and the Python fallback.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from presam_kernels import _host  # noqa: E402
+from presam_kernels.backends.triton import table as triton_table  # noqa: E402
+from presam_kernels.buckets import build_buckets  # noqa: E402
+
+# The interpreter dereferences host addresses, compiled kernels device ones.
+DEVICE = torch.device("cpu") if triton_table.interpreting() else torch.device("cuda")
+CHUNK = 4
+SHAPES = [(4, 4), (7,), (3, 2, 2), (1,), (5, 3)]
+PATHS = ("cpp", "python")
+
+pytestmark = pytest.mark.skipif(
+    not (triton_table.interpreting() or torch.cuda.is_available()),
+    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1 set before they are imported",
+)
+
+
+@pytest.fixture(params=PATHS)
+def uploads(request, monkeypatch):
+    """The host path under test; a list that gets an entry per device table built."""
+    native = request.param == "cpp"
+    if native and not triton_table.native_tables_available():
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(_host, "USE_NATIVE", native)
+    built = []
+    original = triton_table._upload
+    monkeypatch.setattr(triton_table, "_upload", lambda *args: built.append(args) or original(*args))
+    return built
+
+
+def make_bucket(shapes=SHAPES, flatten=False, groups=None, ema=False):
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, device=DEVICE)
+        p.grad = torch.randn(shape, device=DEVICE)
+        params.append(p)
+    groups = groups or [0] * len(params)
+    (bucket,) = build_buckets(params, groups, [p.ndim >= 2 for p in params], flatten)
+    if ema:
+        bucket.ensure_grad_ema()
+    return params, bucket
+
+
+def expected_rows(table):
+    """The rows the kernels must read, from the tensors as they are now."""
+    rows, chunk_start = [], 0
+    for i in range(len(table)):
+        length = table.lengths[i]
+        if length == 0:
+            continue
+        flags = (1 if table.is_weight[i] else 0) | (2 if table.perturbed[i] else 0)
+        rows.append([table.params[i].data_ptr(), table.grads[i].data_ptr(), length, table.offsets[i],
+                     chunk_start, table.group_index[i], flags, 0])
+        chunk_start += -(-length // CHUNK)
+    return rows
+
+
+def rows_of(dev):
+    return dev.rows.cpu().tolist()
+
+
+def check_current(bucket, table):
+    dev = triton_table.device_table(bucket, table, CHUNK)
+    assert dev is not None, "a linear table was refused"
+    assert dev.n_rows == len(expected_rows(table))
+    assert rows_of(dev) == expected_rows(table)
+    assert dev.param_addresses == tuple(p.data_ptr() for p in table.params)
+    return dev
+
+
+def test_unchanged_rows_reuse_the_table(uploads):
+    params, bucket = make_bucket()
+    first = check_current(bucket, bucket.table([True]))
+    for _ in range(3):
+        assert check_current(bucket, bucket.table([True])) is first
+    assert len(uploads) == 1
+
+
+def test_reallocated_grad_rebuilds_with_its_address(uploads):
+    params, bucket = make_bucket()
+    check_current(bucket, bucket.table([True]))
+    params[2].grad = params[2].grad.clone()  # as after zero_grad(set_to_none=True) and a backward
+    check_current(bucket, bucket.table([True]))
+    assert len(uploads) == 2
+
+
+def test_replaced_param_storage_rebuilds_with_its_address(uploads):
+    params, bucket = make_bucket()
+    check_current(bucket, bucket.table([True]))
+    params[0].data = params[0].detach().clone()  # same layout, new storage
+    check_current(bucket, bucket.table([True]))
+    assert len(uploads) == 2
+
+
+def test_alternating_grad_buffers_hit_the_cache(uploads):
+    params, bucket = make_bucket()
+    buffers = [params[1].grad, params[1].grad.clone()]
+    for step in range(6):
+        params[1].grad = buffers[step % 2]
+        check_current(bucket, bucket.table([True]))
+    assert len(uploads) == 2
+
+
+@pytest.mark.parametrize("which", ["param", "grad", "both"])
+def test_restrided_tensor_at_the_same_address_is_not_walked(uploads, which):
+    """Same storage, same address, transposed strides: the backup and EMA
+    slices keep the old element order, so a cached table would pair wrong
+    elements; the row must go to eager."""
+    params, bucket = make_bucket()
+    check_current(bucket, bucket.table([True]))
+    p = params[0]  # (4, 4), contiguous
+    if which in ("param", "both"):
+        p.data = p.data.as_strided((4, 4), (1, 4))
+    if which in ("grad", "both"):
+        p.grad = p.grad.as_strided((4, 4), (1, 4))
+    table = bucket.table([True])
+    assert table.params[0].data_ptr() == bucket.params[0].data_ptr()
+    assert triton_table.device_table(bucket, table, CHUNK) is None
+
+
+def test_param_on_another_device_is_not_walked(uploads):
+    params, bucket = make_bucket()
+    check_current(bucket, bucket.table([True]))
+    table = bucket.table([True])
+    table.params[3] = table.params[3].to("meta")  # as a bucket's row sees a parameter moved away
+    table.grads[3] = table.grads[3].to("meta")
+    assert triton_table.device_table(bucket, table, CHUNK) is None
+
+
+def test_param_of_another_dtype_is_not_walked(uploads):
+    params, bucket = make_bucket()
+    check_current(bucket, bucket.table([True]))
+    table = bucket.table([True])
+    table.params[1] = table.params[1].to(torch.float64)
+    table.grads[1] = table.grads[1].to(torch.float64)
+    assert triton_table.device_table(bucket, table, CHUNK) is None
+
+
+def test_tensor_subclass_is_not_walked(uploads):
+    class Tagged(torch.Tensor):
+        pass
+
+    params, bucket = make_bucket()
+    table = bucket.table([True])
+    table.params[2] = torch.Tensor._make_subclass(Tagged, table.params[2])
+    assert triton_table.device_table(bucket, table, CHUNK) is None
+
+
+@pytest.mark.parametrize("change", ["group", "perturbed", "is_weight", "offset", "length"])
+def test_changed_row_metadata_rebuilds(uploads, change):
+    params, bucket = make_bucket(groups=[0, 0, 1, 1, 0])
+    check_current(bucket, bucket.table([True, True]))
+    table = bucket.table([True, True])
+    if change == "group":
+        table.group_index[1] = 1
+    elif change == "perturbed":
+        table = bucket.table([True, False])  # rho = 0 for group 1
+    elif change == "is_weight":
+        table.is_weight[1] = not table.is_weight[1]
+    elif change == "offset":
+        table.offsets[1] += 16  # another slice of the flat buffers (still inside them)
+    else:
+        table.lengths[3] = 0  # an empty row: left out, the next row's first chunk moves
+    check_current(bucket, table)
+    assert len(uploads) == 2
+
+
+def test_chunk_size_rebuilds(uploads):
+    params, bucket = make_bucket()
+    table = bucket.table([True])
+    small = triton_table.device_table(bucket, table, 2)
+    large = triton_table.device_table(bucket, table, CHUNK)
+    assert [r[4] for r in rows_of(small)] != [r[4] for r in rows_of(large)]
+    assert rows_of(large) == expected_rows(table)
+
+
+def test_saved_buffer_or_ema_reallocated_rebuilds(uploads):
+    params, bucket = make_bucket(ema=True)
+    check_current(bucket, bucket.table([True]))
+    bucket.backup = torch.zeros_like(bucket.backup)  # e.g. the bucket re-made its flat buffer
+    check_current(bucket, bucket.table([True]))
+    bucket.grad_ema = torch.zeros_like(bucket.grad_ema)
+    check_current(bucket, bucket.table([True]))
+    assert len(uploads) == 3
+
+
+def test_out_of_place_table_has_its_own_entry(uploads):
+    params, bucket = make_bucket()
+    check_current(bucket, bucket.table([True]))
+    check_current(bucket, bucket.table([True], out_of_place=True))
+    assert len(uploads) == 2
+
+
+def test_merged_rows_of_a_flat_bucket(uploads):
+    params, bucket = make_bucket(flatten=True, groups=[0, 0, 1, 1, 1], ema=True)
+    table = bucket.table([True, True])
+    assert table.merged and len(table) < len(params)  # runs of the same group and weight flag
+    first = check_current(bucket, table)
+    assert check_current(bucket, bucket.table([True, True])) is first
+    assert len(uploads) == 1
+
+
+def test_merged_row_whose_slice_is_elsewhere_is_not_walked(uploads):
+    params, bucket = make_bucket(flatten=True, ema=True)
+    table = bucket.table([True])
+    table.backups[0] = table.backups[0].clone()  # not the bucket's backup at the row's offset
+    assert triton_table.device_table(bucket, table, CHUNK) is None
+    table = bucket.table([True])
+    table.grad_emas[0] = table.grad_emas[0].clone()
+    assert triton_table.device_table(bucket, table, CHUNK) is None
+
+
+@pytest.mark.parametrize("layout", ["mixed", "flat", "out_of_place", "rho_zero_group", "channels_last"])
+def test_cpp_and_python_paths_build_the_same_table(monkeypatch, layout):
+    if not triton_table.native_tables_available():
+        pytest.skip("the C++ extension is not built")
+    groups = [0, 1, 0, 1, 0] if layout == "rho_zero_group" else None
+    params, bucket = make_bucket(flatten=layout == "flat", groups=groups, ema=True)
+    if layout == "channels_last":
+        p = params[2]
+        p.data = p.data.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0]
+        p.grad = torch.randn_like(p)
+        (bucket,) = build_buckets(params, [0] * len(params), [q.ndim >= 2 for q in params], False)
+    perturbed = [True, False] if layout == "rho_zero_group" else [True]
+    built = {}
+    for native in (True, False):
+        monkeypatch.setattr(_host, "USE_NATIVE", native)
+        dev = triton_table.device_table(bucket, bucket.table(perturbed, out_of_place=layout == "out_of_place"), CHUNK)
+        built[native] = (rows_of(dev), dev.n_rows, dev.aligned, dev.param_addresses)
+    assert built[True] == built[False]
