@@ -85,15 +85,14 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
         return norm, skipped
 
     stateful = spec.objective is not Objective.GRADIENT
-    first_step = not stateful or first is True
-    if first_step:
-        first_t = None
+    # The launchers' ema_ready: None while the EMA is cold (host-known), else a
+    # 0-d device flag, 1.0 once the EMA has had a finite step.
+    if not stateful or first is True:
+        ema_ready = None
     elif isinstance(first, torch.Tensor):
-        first_t = first.to(device=device, dtype=torch.float32)
+        ema_ready = 1.0 - first.to(device=device, dtype=torch.float32)
     else:
-        first_t = torch.full((), float(first), dtype=torch.float32, device=device)
-    variant = (spec.objective, spec.constraint, first_step)
-    spec_args = (spec.ema_weight, 1.0 - spec.ema_weight, 1.0 - spec.ema_weight, spec.delta, spec.eta)
+        ema_ready = torch.full((), 1.0 - float(first), dtype=torch.float32, device=device)
     n_partials = programs * len(active)
     partials = partials_buffer(device, n_partials)
     rho = rho_tensor(rhos, device)
@@ -102,17 +101,16 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, first, found_inf=None):
 
     def state(table, bucket):
         backup = saved_buffer(bucket, table)  # out of place: the adversarial buffer
-        ema = bucket.grad_ema if stateful else backup  # unused when stateless
-        return backup, ema, backup if first_t is None else first_t  # first: unused on the first step
+        return backup, bucket.grad_ema if stateful else backup  # the EMA is unused when stateless
 
     for k, (table, bucket, dev) in enumerate(active):
-        backup, ema, first_arg = state(table, bucket)
-        k1_reduce.launch_reduce(dev, backup, ema, first_arg, partials, k * programs, programs, chunk, spec_args, variant)
+        backup, ema = state(table, bucket)
+        k1_reduce.launch_reduce(dev, backup, ema, ema_ready, partials, k * programs, programs, chunk, spec)
     for k, (table, bucket, dev) in enumerate(active):
-        backup, ema, first_arg = state(table, bucket)
+        backup, ema = state(table, bucket)
         k2_perturb.launch_perturb(
-            dev, backup, ema, first_arg, partials, n_partials, rho, found_inf, norm, skipped,
-            programs, chunk, spec_args, spec.eps_norm, variant, write_norm=k == 0, out_of_place=table.out_of_place,
+            dev, backup, ema, ema_ready, partials, n_partials, rho, found_inf, norm, skipped,
+            programs, chunk, spec, write_norm=k == 0, out_of_place=table.out_of_place,
             partials_block=partials_block,
         )
         table.backend_state = (dev, backup, programs, chunk)
@@ -160,13 +158,10 @@ def restore_and_step(tables, buckets, update) -> bool:
             return False
         dev_tables.append(dev)
     hyper = hyper_tensor(update.hyper, k4_restore_step.HYPER_WIDTH.value, device)
-    keys = {"sgd": ("momentum_buffer", None), "adam": ("exp_avg", "exp_avg_sq")}[update.kind]
     for table, bucket, dev, flats in zip(tables, buckets, dev_tables, update.state):
         if dev is None or not dev.n_rows:
             continue
-        saved = saved_buffer(bucket, table)
-        state1, state2 = (flats.get(key, saved) if key else saved for key in keys)
         k4_restore_step.launch_restore_step(
-            dev, saved, hyper, state1, state2, update.kind, not table.out_of_place, programs, chunk
+            dev, saved_buffer(bucket, table), hyper, flats, update.kind, not table.out_of_place, programs, chunk
         )
     return True

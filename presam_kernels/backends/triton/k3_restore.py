@@ -5,42 +5,44 @@ A copy in the parameters' own dtype (no conversion, so every bit pattern,
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
-from .table import CHUNK, FLAG_PERTURBED, as_pointer, first_chunk, load_row
+from .table import CHUNK, FLAG_PERTURBED, walk_rows
 
 # A pure copy; same chunking as K1/K2. Not measured yet.
 NUM_WARPS = 4
 
 
+class _Args(NamedTuple):
+    backup_ptr: tl.tensor
+
+
+class _RowCtx(NamedTuple):
+    b_ptr: tl.tensor  # the row's backup slice
+    walk: tl.tensor  # perturbed: an unperturbed row was never written
+
+
 @triton.jit
-def _restore_chunk(x_ptr, b_ptr, idx, length, MASKED: tl.constexpr):
-    mask = idx < length if MASKED else None
-    tl.store(x_ptr + idx, tl.load(b_ptr + idx, mask=mask), mask=mask)
+def _restore_row(row, args):
+    return _RowCtx(b_ptr=args.backup_ptr + row.offset, walk=(row.flags & FLAG_PERTURBED) != 0)
+
+
+@triton.jit
+def _restore_chunk(acc, row, ctx, args, lanes, start, MASKED: tl.constexpr):
+    mask = lanes < row.length - start if MASKED else None
+    tl.store(row.x_ptr + start + lanes, tl.load(ctx.b_ptr + start + lanes, mask=mask), mask=mask)
+    return acc
 
 
 @triton.jit
 def _restore_kernel(table_ptr, n_rows, backup_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    elem = backup_ptr.dtype.element_ty
-    lanes = tl.arange(0, BLOCK)
-    r = 0
-    while r < n_rows:  # while, not range: see table.py on the interpreter
-        param_addr, grad_addr, length, offset, chunk_start, group, flags = load_row(table_ptr, r, ALIGNED)
-        x_ptr = as_pointer(param_addr, elem, ALIGNED)
-        b_ptr = backup_ptr + offset
-        full = tl.where((flags & FLAG_PERTURBED) != 0, length // BLOCK, -1)  # -1: skip the row
-        chunk = first_chunk(pid, num_programs, chunk_start)
-        while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
-            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
-            _restore_chunk(x_ptr + start, b_ptr + start, lanes, length - start, False)
-            chunk += num_programs
-        if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
-            start = chunk * BLOCK
-            _restore_chunk(x_ptr + start, b_ptr + start, lanes, length - start, True)
-        r += 1
+    walk_rows(
+        table_ptr=table_ptr, n_rows=n_rows, elem=backup_ptr.dtype.element_ty, acc=0,
+        args=_Args(backup_ptr=backup_ptr), ROW_FN=_restore_row, CHUNK_FN=_restore_chunk, ALIGNED=ALIGNED, BLOCK=BLOCK,
+    )
 
 
 KERNEL = _restore_kernel
@@ -55,5 +57,6 @@ def constexprs(aligned: bool, block: int = CHUNK) -> dict:
 def launch_restore(dev_table, backup, programs, block):
     """K3 over one bucket."""
     _restore_kernel[(programs,)](
-        dev_table.rows, dev_table.n_rows, backup, num_warps=NUM_WARPS, **constexprs(dev_table.aligned, block)
+        table_ptr=dev_table.rows, n_rows=dev_table.n_rows, backup_ptr=backup, num_warps=NUM_WARPS,
+        **constexprs(dev_table.aligned, block),
     )

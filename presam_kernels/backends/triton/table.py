@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -59,9 +60,21 @@ FLAG_PERTURBED = tl.constexpr(2)
 OFFSET_ALIGN = 16
 
 
+class Row(NamedTuple):
+    """One row of the device table, as the kernels use it."""
+
+    x_ptr: tl.tensor  # the parameter, as a pointer to the bucket's dtype
+    g_ptr: tl.tensor  # its gradient, same dtype
+    length: tl.tensor  # elements
+    offset: tl.tensor  # of the row in the bucket's flat buffers (elements)
+    chunk_start: tl.tensor  # index of the row's first chunk among all chunks of the table
+    group: tl.tensor  # param group index
+    flags: tl.tensor  # FLAG_WEIGHT | FLAG_PERTURBED
+
+
 @triton.jit
-def load_row(table_ptr, r, ALIGNED: tl.constexpr):
-    """(param address, grad address, length, offset, first chunk, group, flags) of row r."""
+def load_row(table_ptr, r, elem, ALIGNED: tl.constexpr):
+    """Row r of the table, its addresses as pointers to ``elem``."""
     row = table_ptr + r * 8
     param_addr = tl.load(row + 0)
     grad_addr = tl.load(row + 1)
@@ -72,7 +85,10 @@ def load_row(table_ptr, r, ALIGNED: tl.constexpr):
     flags = tl.load(row + 6)
     if ALIGNED:  # the host checked: offsets are multiples of 16 elements
         offset = tl.multiple_of(offset, 16)
-    return param_addr, grad_addr, length, offset, chunk_start, group, flags
+    return Row(
+        x_ptr=as_pointer(param_addr, elem, ALIGNED), g_ptr=as_pointer(grad_addr, elem, ALIGNED), length=length,
+        offset=offset, chunk_start=chunk_start, group=group, flags=flags,
+    )
 
 
 @triton.jit
@@ -91,6 +107,39 @@ def first_chunk(pid, num_programs, chunk_start):
     """The first chunk of a row that program ``pid`` owns: chunks are dealt out
     round-robin over the whole table (global chunk index mod num_programs)."""
     return (pid + num_programs - chunk_start % num_programs) % num_programs
+
+
+@triton.jit
+def walk_rows(
+    table_ptr, n_rows, elem, acc, args,
+    ROW_FN: tl.constexpr, CHUNK_FN: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The one row walk of K1-K4: this program's chunks of every row.
+
+    Per row, ``ctx = ROW_FN(row=, args=)``: what the kernel derives once from
+    the row (pointers into its flat buffers, a scale), with a ``walk`` field
+    (False: the row is skipped). Per chunk, ``acc = CHUNK_FN(acc=, row=, ctx=,
+    args=, lanes=, start=, MASKED=)``: elements ``start + lanes`` of the row,
+    MASKED only for its last, partial chunk. ``args``: the launch's own values
+    (a NamedTuple, constexprs included); ``acc``: carried through every chunk
+    (K1's sums) and returned."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+    r = 0
+    while r < n_rows:  # while, not range: see the module docstring on the interpreter
+        row = load_row(table_ptr, r, elem, ALIGNED)
+        ctx = ROW_FN(row=row, args=args)
+        full = tl.where(ctx.walk, row.length // BLOCK, -1)  # -1: no chunk of the row
+        chunk = first_chunk(pid, num_programs, row.chunk_start)
+        while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
+            # Pointers advance a chunk at a time (start), so the lanes' offsets stay 32-bit.
+            acc = CHUNK_FN(acc=acc, row=row, ctx=ctx, args=args, lanes=lanes, start=chunk * BLOCK, MASKED=False)
+            chunk += num_programs
+        if (chunk == full) & (full * BLOCK < row.length):  # this program owns the tail
+            acc = CHUNK_FN(acc=acc, row=row, ctx=ctx, args=args, lanes=lanes, start=chunk * BLOCK, MASKED=True)
+        r += 1
+    return acc
 
 
 def interpreting() -> bool:
