@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ... import base_update
 from ...base_update import ADAM_COLUMNS, SGD_COLUMNS, STATE_KEYS
-from .table import CHUNK, FLAG_PERTURBED, walk_rows
+from .table import CHUNK, FLAG_PERTURBED, load_row, owns_tail, row_chunks
 
 # A streaming update like K3 plus the state: same chunking. Not measured yet.
 NUM_WARPS = 4
@@ -83,23 +83,6 @@ class _AdamHyper(NamedTuple):  # by base_update.ADAM_COLUMNS' names
 assert set(_SgdHyper._fields) == set(SGD_COLUMNS) and set(_AdamHyper._fields) == set(ADAM_COLUMNS)
 
 
-class _Args(NamedTuple):
-    backup_ptr: tl.tensor
-    hyper_ptr: tl.tensor  # [groups, HYPER_WIDTH] fp32
-    state1_ptr: tl.tensor  # momentum_buffer, or exp_avg
-    state2_ptr: tl.tensor  # exp_avg_sq (Adam)
-    KIND: tl.constexpr
-    FROM_BACKUP: tl.constexpr
-
-
-class _RowCtx(NamedTuple):
-    src_ptr: tl.tensor  # where x is read: the backup slice for a perturbed row (FROM_BACKUP), else x
-    s1_ptr: tl.tensor
-    s2_ptr: tl.tensor
-    hyper: tl.tensor  # the group's _SgdHyper or _AdamHyper
-    walk: tl.constexpr  # every row steps
-
-
 @triton.jit
 def _round(v, elem):
     """v rounded to the parameter dtype and back (identity for fp32)."""
@@ -107,13 +90,9 @@ def _round(v, elem):
 
 
 @triton.jit
-def _restore_step_row(row, args):
-    src_ptr = row.x_ptr
-    if args.FROM_BACKUP:
-        if (row.flags & FLAG_PERTURBED) != 0:
-            src_ptr = args.backup_ptr + row.offset
-    h = args.hyper_ptr + row.group * HYPER_WIDTH
-    if args.KIND == SGD:
+def _load_hyper(h, KIND: tl.constexpr):
+    """The group's row of hyperparameters at ``h``, by column name."""
+    if KIND == SGD:
         hyper = _SgdHyper(
             lr=tl.load(h + SGD_LR), momentum=tl.load(h + SGD_MOMENTUM),
             one_minus_dampening=tl.load(h + SGD_ONE_MINUS_DAMPENING), weight_decay=tl.load(h + SGD_WEIGHT_DECAY),
@@ -127,24 +106,23 @@ def _restore_step_row(row, args):
             beta1_weight=tl.load(h + ADAM_BETA1_WEIGHT), beta2=tl.load(h + ADAM_BETA2),
             one_minus_beta2=tl.load(h + ADAM_ONE_MINUS_BETA2), maximize=tl.load(h + ADAM_MAXIMIZE),
         )
-    return _RowCtx(
-        src_ptr=src_ptr, s1_ptr=args.state1_ptr + row.offset, s2_ptr=args.state2_ptr + row.offset, hyper=hyper,
-        walk=True,
-    )
+    return hyper
 
 
 @triton.jit
-def _restore_step_chunk(acc, row, ctx, args, lanes, start, MASKED: tl.constexpr):
+def _restore_step_chunk(row, src_ptr, s1_ptr, s2_ptr, h, lanes, start, KIND: tl.constexpr, MASKED: tl.constexpr):
+    """x <- the base step from the saved x (at ``src_ptr``) over elements
+    ``start + lanes`` of ``row``; ``s1_ptr``, ``s2_ptr``: the row's state
+    slices; ``h``: the group's hyperparameters (_SgdHyper or _AdamHyper)."""
     mask = lanes < row.length - start if MASKED else None
     other = 0.0 if MASKED else None
-    x_raw = tl.load(ctx.src_ptr + start + lanes, mask=mask, other=other)
+    x_raw = tl.load(src_ptr + start + lanes, mask=mask, other=other)
     elem = x_raw.dtype
     x = x_raw.to(tl.float32)
     g = tl.load(row.g_ptr + start + lanes, mask=mask, other=other).to(tl.float32)
-    s1_ptr = ctx.s1_ptr + start
-    s2_ptr = ctx.s2_ptr + start
-    h = ctx.hyper
-    if args.KIND == SGD:
+    s1_ptr = s1_ptr + start
+    s2_ptr = s2_ptr + start
+    if KIND == SGD:
         d = tl.where(h.maximize != 0.0, -g, g)
         d = tl.where(h.weight_decay != 0.0, _round(d + h.weight_decay * x, elem), d)
         # A branch, not a mask: without momentum there is no buffer (state1 is
@@ -176,7 +154,6 @@ def _restore_step_chunk(acc, row, ctx, args, lanes, start, MASKED: tl.constexpr)
         denom = _round(_round(tl.div_rn(_round(tl.sqrt_rn(v), elem), h.bias_correction2_sqrt), elem) + h.eps, elem)
         x_new = x + tl.div_rn(h.neg_step_size * m, denom)
     tl.store(row.x_ptr + start + lanes, x_new.to(elem), mask=mask)
-    return acc
 
 
 @triton.jit
@@ -192,14 +169,33 @@ def _restore_step_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    args = _Args(
-        backup_ptr=backup_ptr, hyper_ptr=hyper_ptr, state1_ptr=state1_ptr, state2_ptr=state2_ptr, KIND=KIND,
-        FROM_BACKUP=FROM_BACKUP,
-    )
-    walk_rows(
-        table_ptr=table_ptr, n_rows=n_rows, elem=backup_ptr.dtype.element_ty, acc=0, args=args,
-        ROW_FN=_restore_step_row, CHUNK_FN=_restore_step_chunk, ALIGNED=ALIGNED, BLOCK=BLOCK,
-    )
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    elem = backup_ptr.dtype.element_ty
+    lanes = tl.arange(0, BLOCK)
+    r = 0
+    while r < n_rows:  # while, not range: see table.py on the interpreter
+        row = load_row(table_ptr, r, elem, ALIGNED)
+        src_ptr = row.x_ptr
+        if FROM_BACKUP:
+            if (row.flags & FLAG_PERTURBED) != 0:
+                src_ptr = backup_ptr + row.offset
+        s1_ptr = state1_ptr + row.offset
+        s2_ptr = state2_ptr + row.offset
+        h = _load_hyper(hyper_ptr + row.group * HYPER_WIDTH, KIND)
+        chunk, full = row_chunks(row, pid, num_programs, True, BLOCK)
+        while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
+            _restore_step_chunk(
+                row=row, src_ptr=src_ptr, s1_ptr=s1_ptr, s2_ptr=s2_ptr, h=h, lanes=lanes, start=chunk * BLOCK,
+                KIND=KIND, MASKED=False,
+            )
+            chunk += num_programs
+        if owns_tail(chunk, full, row.length, BLOCK):
+            _restore_step_chunk(
+                row=row, src_ptr=src_ptr, s1_ptr=s1_ptr, s2_ptr=s2_ptr, h=h, lanes=lanes, start=chunk * BLOCK,
+                KIND=KIND, MASKED=True,
+            )
+        r += 1
 
 
 KERNEL = _restore_step_kernel

@@ -25,18 +25,16 @@ ASAM = tl.constexpr(Constraint.ASAM.code)
 FISHER = tl.constexpr(Constraint.FISHER.code)
 
 
-class Variant(NamedTuple):
-    """What ``precondition`` reads besides the elements: the launch's scalars
-    and switches (K1 and K2 build one in the kernel)."""
+class Scalars(NamedTuple):
+    """The launch's scalars ``precondition`` reads (K1 and K2 build one in the
+    kernel; the switches travel beside it: a constexpr in a tuple would become
+    an i32 value)."""
 
     ema_ready: tl.tensor  # 1.0 once the EMA has had a finite step, else 0.0 (see load_ema_ready)
     ema_weight: tl.tensor  # the new gradient's weight in the EMA
     old_weight: tl.tensor  # 1 - ema_weight: the old EMA's (infoSAM's alpha)
     delta: tl.tensor
     eta: tl.tensor
-    OBJECTIVE: tl.constexpr
-    CONSTRAINT: tl.constexpr
-    EMA_READY: tl.constexpr
 
 
 def variant_constexprs(objective: Objective, constraint: Constraint, ema_ready: bool) -> dict:
@@ -67,35 +65,37 @@ def load_ema_ready(ema_ready_ptr, OBJECTIVE: tl.constexpr, EMA_READY: tl.constex
 
 
 @triton.jit
-def precondition(g, x, m, is_weight, variant):
+def precondition(
+    g, x, m, is_weight, scalars, OBJECTIVE: tl.constexpr, CONSTRAINT: tl.constexpr, EMA_READY: tl.constexpr
+):
     """(c * u, c, m_new) from fp32 g, x (param), m (old EMA).
 
     INFO returns u' = delta * u = g / (1 + belief / delta) (no overflow; the
     caller scales eps_norm by delta to match); while the EMA is cold, u = g.
     """
-    if variant.OBJECTIVE == GRADIENT:
+    if OBJECTIVE == GRADIENT:
         u = g
         m_new = g
-    elif not variant.EMA_READY:
+    elif not EMA_READY:
         u = g
         m_new = g
-    elif variant.OBJECTIVE == EMA:
-        weight = variant.ema_weight + variant.old_weight * (1.0 - variant.ema_ready)  # cold: 1, m = g
+    elif OBJECTIVE == EMA:
+        weight = scalars.ema_weight + scalars.old_weight * (1.0 - scalars.ema_ready)  # cold: 1, m = g
         m_new = (g - m) * weight + m
         u = m_new
     else:
         # m_new - g = alpha * (m_old - g), formed without cancellation.
-        gap = (m - g) * (variant.old_weight * variant.ema_ready)
+        gap = (m - g) * (scalars.old_weight * scalars.ema_ready)
         m_new = g + gap
-        belief = gap * gap * tl.div_rn(variant.ema_ready, variant.delta) + 1.0
+        belief = gap * gap * tl.div_rn(scalars.ema_ready, scalars.delta) + 1.0
         u = tl.div_rn(g, belief)
 
-    if variant.CONSTRAINT == ADAPTIVE:
+    if CONSTRAINT == ADAPTIVE:
         c = tl.abs(x)
-    elif variant.CONSTRAINT == ASAM:
-        c = tl.where(is_weight, tl.abs(x) + variant.eta, 1.0)
-    elif variant.CONSTRAINT == FISHER:
-        c = tl.div_rn(1.0, tl.sqrt_rn(g * g * variant.eta + 1.0))
+    elif CONSTRAINT == ASAM:
+        c = tl.where(is_weight, tl.abs(x) + scalars.eta, 1.0)
+    elif CONSTRAINT == FISHER:
+        c = tl.div_rn(1.0, tl.sqrt_rn(g * g * scalars.eta + 1.0))
     else:
         c = 1.0
     return c * u, c, m_new
