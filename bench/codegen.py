@@ -4,7 +4,11 @@ shared memory, the width of the hot loops' global accesses, and the occupancy
 each implies on an H100; then which launch constants that data supports.
 
     PYTHONPATH=. python3 bench/codegen.py            # compiles (a few minutes on 2 cores), writes bench/codegen.md
+    PYTHONPATH=. python3 bench/codegen.py --python .venv/bin/python .venv-t39/bin/python   # one run per Triton
     PYTHONPATH=. python3 bench/codegen.py --json a.json b.json   # from saved codegen runs
+
+Runs of several Triton versions: the tables are the first version's (the
+pinned one), with the others' registers and spills as extra columns.
 """
 from __future__ import annotations
 
@@ -21,13 +25,14 @@ sys.path.insert(0, ROOT)
 
 from presam_kernels.backends.triton import table  # noqa: E402
 from presam_kernels.backends.triton.codegen import KERNEL_MODULES  # noqa: E402
+from presam_kernels.preconditioners import Constraint, Objective  # noqa: E402
 
 # H100 SXM (sm_90): per SM.
 H100_SMS = 132
 H100 = dict(regs=65536, max_warps=64, max_blocks=32, shared=228 * 1024, reg_unit=256, shared_per_block_reserved=1024)
 KERNEL_NAMES = {"K1": "reduce", "K2": "perturb", "K3": "restore", "K4": "restore + base step"}
-OBJECTIVES = {0: "gradient", 1: "ema", 2: "info"}
-CONSTRAINTS = {0: "none", 1: "adaptive", 2: "asam", 3: "fisher"}
+OBJECTIVES = {o.code: o.value for o in Objective}
+CONSTRAINTS = {c.code: c.value for c in Constraint}
 
 
 def programs_per_sm(regs: int, warps: int, shared: int) -> int:
@@ -67,16 +72,19 @@ def merge(runs: list) -> dict:
     )
 
 
-def compile_all() -> dict:
+def compile_all(python: str = sys.executable) -> dict:
+    """Every specialization for sm_80 and sm_90 under ``python``'s Triton (cached
+    per version in the temp dir, as tests/test_codegen.py caches them)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    import triton
-
-    env.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"presam-codegen-triton-{triton.__version__}"))
+    version = subprocess.run(
+        [python, "-c", "import triton; print(triton.__version__)"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"presam-codegen-triton-{version}"))
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "codegen.json")
         subprocess.run(
-            [sys.executable, "-m", "presam_kernels.backends.triton.codegen", "--arch", "80", "90",
+            [python, "-m", "presam_kernels.backends.triton.codegen", "--arch", "80", "90",
              "--workers", str(os.cpu_count() or 1), "--out", out],
             env=env, check=True,
         )
@@ -90,11 +98,25 @@ def _class(r) -> str:
     if r["kernel"] in ("K1", "K2"):
         parts = [OBJECTIVES[c["OBJECTIVE"]], CONSTRAINTS[c["CONSTRAINT"]]]
         if c["OBJECTIVE"]:
-            parts.append("first step" if c["FIRST_STEP"] else "later step")
+            parts.append("EMA warm" if c["EMA_READY"] else "EMA cold")
         return " / ".join(parts)
     if r["kernel"] == "K4":
         return ("SGD" if c["KIND"] == 0 else "Adam, AdamW") + (" / from backup" if c["FROM_BACKUP"] else "")
     return "copy"
+
+
+def _group(records) -> dict:
+    by = collections.defaultdict(list)
+    for r in records:
+        by[_key(r)].append(r)
+    return by
+
+
+def _other_cells(rows: list) -> str:
+    if not rows:
+        return " - | - |"
+    regs = lambda arch: _span([r["regs"] for r in rows if r["arch"] == arch] or [0])  # noqa: E731
+    return f" {regs(90)} ({regs(80)}) | {max(r['spill_stores'] + r['spill_loads'] for r in rows)} |"
 
 
 def _widths(bits: list) -> str:
@@ -106,9 +128,19 @@ def _span(values) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def render(data: dict, before: dict | None = None) -> str:
+def _key(r) -> tuple:
+    return (r["kernel"], r["dtype"], r["constexprs"]["ALIGNED"])
+
+
+def render(data: dict, before: dict | None = None, others: list = ()) -> str:
+    """The report of ``data`` (one Triton version's records); ``others``:
+    other versions' data, whose registers and spills join the per-kernel table."""
     records = [r for r in data["records"] if "error" not in r]
-    errors = [r for r in data["records"] if "error" in r]
+    errors = [r for r in data["records"] if "error" in r] + [r for o in others for r in o["records"] if "error" in r]
+    other_by = [
+        (o["triton"], collections.defaultdict(list, _group(r for r in o["records"] if "error" not in r)))
+        for o in others
+    ]
     lines = [
         "# Kernel code generation (ahead of time, no GPU)",
         "",
@@ -119,16 +151,23 @@ def render(data: dict, before: dict | None = None) -> str:
         f"{len(errors)} failed to compile. Registers and spills from `ptxas -v`; access widths from the PTX "
         "(`ld/st.global[.vN]`, bits per instruction) of the hot loop (a row's unmasked chunks); occupancy: "
         "resident warps / 64 on an H100 SM at the kernel's registers, warps and shared memory.",
+    ]
+    for version, o in zip((v for v, _ in other_by), others):
+        lines.append(
+            f"Also Triton {version}: {o['what']} ({len(o['records'])} kernels, "
+            f"{sum('error' in r for r in o['records'])} failed to compile): its registers and spills are the last "
+            "columns of the first table."
+        )
+    lines += [
         "",
         "## Per kernel and dtype (sm_90 unless said)",
         "",
         "| kernel | dtype | rows | registers sm_90 (sm_80) | spills (B) | shared (B) | hot ld bits | hot st bits "
-        "| programs/SM (H100) | occupancy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| programs/SM (H100) | occupancy |"
+        + "".join(f" Triton {v}: registers sm_90 (sm_80) | Triton {v}: spills (B) |" for v, _ in other_by),
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(other_by),
     ]
-    by = collections.defaultdict(list)
-    for r in records:
-        by[(r["kernel"], r["dtype"], r["constexprs"]["ALIGNED"])].append(r)
+    by = _group(records)
     for (kernel, dtype, aligned), rows in sorted(by.items()):
         h = [r for r in rows if r["arch"] == 90]
         a = [r for r in rows if r["arch"] == 80]
@@ -143,10 +182,15 @@ def render(data: dict, before: dict | None = None) -> str:
             f"| {max(r['spill_stores'] + r['spill_loads'] for r in rows)} | {_span(shared)} "
             f"| {_widths([b for r in h for b in r['hot_ld']])} | {_widths([b for r in h for b in r['hot_st']])} "
             f"| {_span(progs)} | {_span([round(100 * o) for o in occ])}% |"
+            + "".join(_other_cells(ob[(kernel, dtype, aligned)]) for _, ob in other_by)
         )
     before = before or {}
-    before_fp32 = before.get("fp32, PARTIALS_BLOCK 1024", {})
-    before_bf16 = before.get("bf16, PARTIALS_BLOCK 2048", {})
+
+    def renamed(classes: dict) -> dict:  # the earlier report said "first step" for "EMA cold"
+        return {k.replace("first step", "EMA cold").replace("later step", "EMA warm"): v for k, v in classes.items()}
+
+    before_fp32 = renamed(before.get("fp32, PARTIALS_BLOCK 1024", {}))
+    before_bf16 = renamed(before.get("bf16, PARTIALS_BLOCK 2048", {}))
     lines += [
         "",
         "## K1 and K2 registers per variant (sm_90, aligned rows, in place)",
@@ -223,6 +267,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", nargs="+", help="saved runs of presam_kernels.backends.triton.codegen")
     parser.add_argument(
+        "--python", nargs="+", default=[sys.executable],
+        help="compile under each of these interpreters (one Triton version each; the first is the report's)",
+    )
+    parser.add_argument(
         "--before", default=os.path.join(ROOT, "bench", "codegen_k2_before.json"),
         help="K2's registers per variant class in an earlier kernel version (JSON)",
     )
@@ -232,7 +280,9 @@ def main():
     for path in args.json or []:
         with open(path) as f:
             runs.append(json.load(f))
-    data = merge(runs or [compile_all()])
+    runs = runs or [compile_all(python) for python in args.python]
+    versions = list(dict.fromkeys(run["triton"] for run in runs))  # in the order given
+    data, *others = [merge([run for run in runs if run["triton"] == v]) for v in versions]
     if data.get("skipped"):
         sys.exit(f"nothing compiled: {data['skipped']}")
     before = None
@@ -240,7 +290,7 @@ def main():
         with open(args.before) as f:
             before = json.load(f)
     with open(args.out, "w") as f:
-        f.write(render(data, before))
+        f.write(render(data, before, others))
     print(f"wrote {args.out}")
 
 

@@ -34,8 +34,12 @@ SGD = "sgd"
 ADAM = "adam"
 STATE_KEYS = {SGD: ("momentum_buffer",), ADAM: ("exp_avg", "exp_avg_sq")}
 
-# Columns of a param group's row of hyperparameters, per kind (the kernel
-# reads them by these indices).  Booleans are 0.0 / 1.0.
+# Columns of a param group's row of hyperparameters, per kind: the one
+# definition of the layout. The rows are written by these names (``_row``);
+# the Triton kernel reads them through indices looked up by name; the C++
+# backend (csrc/ops.cpp, kernels.h) reads them by position, in this order
+# (tests/test_cpp_backend.py holds it to torch with a distinct value per
+# column).  Booleans are 0.0 / 1.0.
 SGD_COLUMNS = ("lr", "momentum", "one_minus_dampening", "weight_decay", "nesterov", "maximize", "first")
 ADAM_COLUMNS = (
     "neg_step_size",  # -lr / (1 - beta1^step)
@@ -48,6 +52,10 @@ ADAM_COLUMNS = (
     "one_minus_beta2",
     "maximize",
 )
+COLUMNS = {SGD: SGD_COLUMNS, ADAM: ADAM_COLUMNS}
+# fp32 slots per param group row on the device (64 B rows): room for every kind's columns.
+HYPER_WIDTH = 16
+assert all(len(columns) <= HYPER_WIDTH for columns in COLUMNS.values())
 
 
 def _hooks(optimizer) -> bool:
@@ -216,16 +224,25 @@ def _adoptable(value, view) -> bool:
     return isinstance(value, torch.Tensor) and value.shape == view.shape and value.device == view.device
 
 
+def _row(kind: str, **values) -> list:
+    """A param group's hyperparameters in the order of ``COLUMNS[kind]``, given by name."""
+    columns = COLUMNS[kind]
+    if set(values) != set(columns):
+        raise ValueError(f"a {kind} row has the columns {columns}, got {tuple(values)}")
+    return [values[name] for name in columns]
+
+
 def _sgd_row(group, first):
-    return [
-        _scalar(group["lr"]),
-        float(group["momentum"]),
-        1.0 - float(group["dampening"]),
-        float(group["weight_decay"]),
-        float(bool(group["nesterov"])),
-        float(bool(group["maximize"])),
-        float(bool(first)),
-    ]
+    return _row(
+        SGD,
+        lr=_scalar(group["lr"]),
+        momentum=float(group["momentum"]),
+        one_minus_dampening=1.0 - float(group["dampening"]),
+        weight_decay=float(group["weight_decay"]),
+        nesterov=float(bool(group["nesterov"])),
+        maximize=float(bool(group["maximize"])),
+        first=float(bool(first)),
+    )
 
 
 def _adam_row(group, step_before):
@@ -244,17 +261,18 @@ def _adam_row(group, step_before):
     else:
         neg_step_size = -(lr / bias_correction1)
         decay = 1 - lr * weight_decay if decoupled and weight_decay != 0 else 1.0
-    return [
-        neg_step_size,
-        bias_correction2**0.5,
-        float(group["eps"]),
-        decay,
-        0.0 if decoupled else weight_decay,
-        1 - beta1,
-        beta2,
-        1 - beta2,
-        float(bool(group["maximize"])),
-    ]
+    return _row(
+        ADAM,
+        neg_step_size=neg_step_size,
+        bias_correction2_sqrt=bias_correction2**0.5,
+        eps=float(group["eps"]),
+        decay=decay,
+        weight_decay=0.0 if decoupled else weight_decay,
+        beta1_weight=1 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1 - beta2,
+        maximize=float(bool(group["maximize"])),
+    )
 
 
 def views_of_ours(buckets) -> set:

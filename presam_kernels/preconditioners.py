@@ -23,6 +23,11 @@ class Objective(str, enum.Enum):
     def has_state(self) -> bool:
         return self is not Objective.GRADIENT
 
+    @property
+    def code(self) -> int:
+        """The member's position: the kernels' compile-time code for it."""
+        return list(Objective).index(self)
+
 
 class Constraint(str, enum.Enum):
     """c, with C^-1 = diag(c): the constraint preconditioner (CP)."""
@@ -31,6 +36,11 @@ class Constraint(str, enum.Enum):
     ADAPTIVE = "adaptive"  # c = |x| for every tensor (the common wrapper's adaptive=True)
     ASAM = "asam"  # c = |x| + eta for weights, 1 for biases and norm shifts (official ASAM)
     FISHER = "fisher"  # c = 1 / sqrt(1 + eta g^2)
+
+    @property
+    def code(self) -> int:
+        """The member's position: the kernels' compile-time code for it."""
+        return list(Constraint).index(self)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,17 @@ BASES = {
     "sgd_plain": (torch.optim.SGD, dict(lr=0.1)),
     "adam_wd": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.02, eps=1e-6)),
     "adamw_large_beta1_weight": (torch.optim.AdamW, dict(lr=3e-3, betas=(0.3, 0.9), weight_decay=0.5)),
+    # Every hyperparameter column set, each to its own value: csrc reads the rows by
+    # position, base_update writes them by name (SGD_COLUMNS, ADAM_COLUMNS), so an
+    # order that disagrees swaps two of these and moves the result.
+    "sgd_every_column": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01, maximize=True)),
+    "sgd_nesterov_every_column": (
+        torch.optim.SGD, dict(lr=0.03, momentum=0.7, nesterov=True, weight_decay=0.02, maximize=True)
+    ),
+    "adam_every_column": (torch.optim.Adam, dict(lr=0.02, betas=(0.6, 0.8), eps=1e-3, weight_decay=0.05, maximize=True)),
+    "adamw_every_column": (
+        torch.optim.AdamW, dict(lr=0.02, betas=(0.6, 0.8), eps=1e-3, weight_decay=0.05, maximize=True)
+    ),
 }
 # fp32: SGD and AdamW match torch bit for bit here; coupled-decay Adam is an ulp off on a few
 # elements. bf16: torch rounds some scalars to bf16 first (an ulp or two).

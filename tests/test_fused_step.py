@@ -392,3 +392,18 @@ def check_steps_against_torch_groups(opt, params, scales):
     assert opt.last_step_fused
     for k, (p, rp) in enumerate(zip(params, refs)):
         assert_within_ulp(p, rp, 2, f"param {k}")
+
+
+def test_hyperparameter_rows_are_written_by_column_name_and_refuse_a_missing_or_extra_one():
+    """The host fills a group's row by the names of base_update.*_COLUMNS (the
+    layout K4 and csrc read), so a renamed or forgotten column raises here."""
+    group = dict(lr=0.1, momentum=0.9, dampening=0.25, weight_decay=0.01, nesterov=False, maximize=True)
+    row = base_update._sgd_row(group, first=True)
+    assert dict(zip(base_update.SGD_COLUMNS, row)) == dict(
+        lr=0.1, momentum=0.9, one_minus_dampening=0.75, weight_decay=0.01, nesterov=0.0, maximize=1.0, first=1.0
+    )
+    values = dict(zip(base_update.SGD_COLUMNS, row))
+    with pytest.raises(ValueError, match="columns"):
+        base_update._row(base_update.SGD, **{k: v for k, v in values.items() if k != "first"})
+    with pytest.raises(ValueError, match="columns"):
+        base_update._row(base_update.SGD, **values, beta2=0.9)

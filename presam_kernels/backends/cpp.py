@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from ..base_update import STATE_KEYS
 from ..buckets import _non_overlapping_and_dense
 from ..preconditioners import Constraint, Objective, Preconditioner
 from . import eager
@@ -25,7 +26,7 @@ name = "cpp"
 
 # Codes of csrc/kernels.h (Direction folds "the EMA is not ready yet" into the objective: FIRST_STEP).
 GRADIENT, FIRST_STEP, EMA, INFO = 0, 1, 2, 3
-CONSTRAINT_CODE = {Constraint.NONE: 0, Constraint.ADAPTIVE: 1, Constraint.ASAM: 2, Constraint.FISHER: 3}
+CONSTRAINT_CODE = {constraint: constraint.code for constraint in Constraint}  # csrc's order is the enum's
 KIND_CODE = {"sgd": 0, "adam": 1}
 FLAG_WEIGHT, FLAG_PERTURBED = 1, 2
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -137,12 +138,13 @@ def restore_and_step(tables, buckets, prepare) -> bool:
     ops = _ops()
     width = len(update.hyper[0])
     hyper = [float(v) for row in update.hyper for v in row]  # an lr tensor on the CPU: read, not a stall
-    keys = {"sgd": ("momentum_buffer", None), "adam": ("exp_avg", "exp_avg_sq")}[update.kind]
+    keys = STATE_KEYS[update.kind]
     for table, bucket, flats in zip(tables, buckets, update.state):
         if not len(table):
             continue
         saved = bucket.adversarial if table.out_of_place else bucket.backup
-        state1, state2 = (flats.get(key) if key else None for key in keys)
+        state1 = flats.get(keys[0])  # SGD without momentum: none
+        state2 = flats.get(keys[1]) if len(keys) > 1 else None
         ops.restore_step_(table.params, table.grads, saved, state1, state2, table.offsets, table.group_index,
                           _flags(table), hyper, width, KIND_CODE[update.kind], not table.out_of_place)
     return True

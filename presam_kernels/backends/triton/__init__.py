@@ -59,15 +59,15 @@ def _device_tables(tables, buckets, chunk: int, needs_ema: bool = False):
     return out
 
 
-def _not_ready_flag(ema_ready, device):
-    """The kernels' per-step flag: 1.0 while the EMA is not ready (K1 and K2
-    read 1 - ema_ready), or None where the host knows it is not (the
-    first-step specialization reads no flag)."""
+def _ema_ready_flag(ema_ready, device):
+    """The kernels' per-step flag: a 0-d fp32 tensor, 1.0 once the EMA is
+    ready, or None where the host knows it is not (the EMA_READY=False
+    specialization reads no flag)."""
     if ema_ready is False:
         return None
     if isinstance(ema_ready, torch.Tensor):
-        return 1.0 - ema_ready.to(device=device, dtype=torch.float32)
-    return torch.zeros((), dtype=torch.float32, device=device)
+        return ema_ready.to(device=device, dtype=torch.float32)
+    return torch.ones((), dtype=torch.float32, device=device)
 
 
 def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=None) -> Perturbation:
@@ -94,10 +94,9 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=No
             skipped = found_inf.reshape(()) > 0
         return Perturbation(norm, skipped, path=name, tables=[], plans=[])
 
-    not_ready = _not_ready_flag(ema_ready, device) if stateful else None
-    # The launchers' variant names the first-step specialization (FIRST_STEP = not ema_ready).
-    variant = (spec.objective, spec.constraint, not_ready is None)
-    spec_args = (spec.ema_weight, 1.0 - spec.ema_weight, 1.0 - spec.ema_weight, spec.delta, spec.eta)
+    # The launchers' flag: None while the EMA is cold and the host knows it
+    # (the EMA_READY=False specialization reads none), else 0-d, 1.0 once ready.
+    ready_flag = _ema_ready_flag(ema_ready, device) if stateful else None
     n_partials = programs * len(active)
     partials = partials_buffer(buckets[0], n_partials)
     rho = rho_tensor(rhos, device)
@@ -106,18 +105,17 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=No
 
     def state(table, bucket):
         backup = saved_buffer(bucket, table)  # out of place: the adversarial buffer
-        ema = bucket.grad_ema if stateful else backup  # unused when stateless
-        return backup, ema, backup if not_ready is None else not_ready  # flag: unused on the first step
+        return backup, bucket.grad_ema if stateful else backup  # the EMA is unused when stateless
 
     for k, (table, bucket, dev) in enumerate(active):
-        backup, ema, not_ready_arg = state(table, bucket)
-        k1_reduce.launch_reduce(dev, backup, ema, not_ready_arg, partials, k * programs, programs, chunk, spec_args, variant)
+        backup, ema = state(table, bucket)
+        k1_reduce.launch_reduce(dev, backup, ema, ready_flag, partials, k * programs, programs, chunk, spec)
     plans = []
     for k, (table, bucket, dev) in enumerate(active):
-        backup, ema, not_ready_arg = state(table, bucket)
+        backup, ema = state(table, bucket)
         k2_perturb.launch_perturb(
-            dev, backup, ema, not_ready_arg, partials, n_partials, rho, found_inf, norm, skipped,
-            programs, chunk, spec_args, spec.eps_norm, variant, write_norm=k == 0, out_of_place=table.out_of_place,
+            dev, backup, ema, ready_flag, partials, n_partials, rho, found_inf, norm, skipped,
+            programs, chunk, spec, write_norm=k == 0, out_of_place=table.out_of_place,
             partials_block=partials_block,
         )
         plans.append((dev, backup, programs, chunk))  # what K3 needs to undo this table
@@ -160,13 +158,10 @@ def restore_and_step(tables, buckets, prepare) -> bool:
     if update is None or len(update.state) != len(buckets):
         return False
     hyper = hyper_tensor(update.hyper, k4_restore_step.HYPER_WIDTH.value, device)
-    keys = {"sgd": ("momentum_buffer", None), "adam": ("exp_avg", "exp_avg_sq")}[update.kind]
     for table, bucket, dev, flats in zip(tables, buckets, dev_tables, update.state):
         if dev is None or not dev.n_rows:
             continue
-        saved = saved_buffer(bucket, table)
-        state1, state2 = (flats.get(key, saved) if key else saved for key in keys)
         k4_restore_step.launch_restore_step(
-            dev, saved, hyper, state1, state2, update.kind, not table.out_of_place, programs, chunk
+            dev, saved_buffer(bucket, table), hyper, flats, update.kind, not table.out_of_place, programs, chunk
         )
     return True

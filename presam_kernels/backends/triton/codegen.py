@@ -105,26 +105,30 @@ def _hot_lines(fn) -> tuple[str, list]:
 
 # ld.global / st.global with optional cache or eviction qualifiers, vector count and element type.
 _ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
-_LOC = re.compile(r"^\s*\.loc\s+\d+\s+\d+\s+\d+\s*//\s*(.*)$")
+# Triton 3.6: ".loc 1 84 20 // k1.py:84:20 @[ k1.py:99:30 ]" (the comment names each call site);
+# Triton 3.9: ".loc 1 84 20, function_name ..., inlined_at 1 99 30 // k1.py:84:20" (the caller's site).
+_LOC = re.compile(r"^\s*\.loc\s+\d+\s+\d+\s+\d+\s*(,[^/]*)?//\s*(.*)$")
+_INLINED_AT = re.compile(r"inlined_at\s+(\d+)\s+(\d+)\s+\d+")
+_FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"')
 
 
 def accesses(ptx: str, kernel_file: str, hot: list) -> dict:
     """Widths (bits) of global loads and stores, split into the hot loops' and the rest."""
     out = {"hot_ld": [], "hot_st": [], "other_ld": [], "other_st": []}
-    where = ""
+    files = {m.group(1): os.path.basename(m.group(2)) for m in map(_FILE.match, ptx.splitlines()) if m}
+    sites = []
     for line in ptx.splitlines():
         loc = _LOC.match(line)
         if loc:
-            where = loc.group(1)
+            # The source line and its call sites: a hot access has one inside a hot loop.
+            sites = [(f, int(n)) for f, n in re.findall(r"([\w.]+):(\d+):\d+", loc.group(2))]
+            sites += [(files.get(f, ""), int(n)) for f, n in _INLINED_AT.findall(loc.group(1) or "")]
             continue
         m = _ACCESS.search(line)
         if not m or line.lstrip().startswith("//"):
             continue
         bits = int(m.group(2) or 1) * int(m.group(3))
-        # The comment names the innermost source line, then each call site: a
-        # hot access has a call site (or its own line) inside a hot loop.
-        sites = [int(n) for f, n in re.findall(r"([\w.]+):(\d+):\d+", where) if f == kernel_file]
-        is_hot = any(s in r for s in sites for r in hot)
+        is_hot = any(f == kernel_file and n in r for f, n in sites for r in hot)
         out[("hot_" if is_hot else "other_") + m.group(1)].append(bits)
     return out
 

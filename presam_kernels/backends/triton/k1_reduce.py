@@ -11,9 +11,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...preconditioners import Constraint, Objective
-from .precondition import ASAM, ADAPTIVE, GRADIENT, load_first, precondition, variant_constexprs
-from .table import CHUNK, FLAG_WEIGHT, as_pointer, first_chunk, load_row
+from ...preconditioners import Constraint, Objective, Preconditioner
+from .precondition import (
+    ADAPTIVE, ASAM, GRADIENT, Scalars, load_ema_ready, precondition, variant_constexprs, variant_scalars,
+)
+from .table import CHUNK, FLAG_WEIGHT, load_row, owns_tail, row_chunks
 
 # 4 warps x 32 threads x 8 elements = one 1024-element chunk per step. Not
 # measured yet; to be tuned on the GPU together with table.CHUNK.
@@ -28,28 +30,30 @@ MAX_REGISTERS = 168
 
 @triton.jit
 def _reduce_chunk(
-    acc, idx, length, g_ptr, x_ptr, m_ptr, is_weight, first, ema_weight, one_minus_weight, alpha, delta, eta,
-    OBJECTIVE: tl.constexpr, CONSTRAINT: tl.constexpr, FIRST_STEP: tl.constexpr, MASKED: tl.constexpr,
+    acc, row, m_ptr, is_weight, scalars, lanes, start,
+    OBJECTIVE: tl.constexpr, CONSTRAINT: tl.constexpr, EMA_READY: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """acc + (c u)^2 over one chunk; MASKED only for a row's last, partial chunk."""
-    mask = idx < length if MASKED else None
+    """acc + (c u)^2 over elements ``start + lanes`` of ``row``; MASKED only
+    for the row's last, partial chunk. ``m_ptr``: the row's EMA."""
+    mask = lanes < row.length - start if MASKED else None
     other = 0.0 if MASKED else None
-    g = tl.load(g_ptr + idx, mask=mask, other=other).to(tl.float32)
+    g = tl.load(row.g_ptr + start + lanes, mask=mask, other=other).to(tl.float32)
     if CONSTRAINT == ADAPTIVE:
-        x = tl.load(x_ptr + idx, mask=mask, other=other).to(tl.float32)
+        x = tl.load(row.x_ptr + start + lanes, mask=mask, other=other).to(tl.float32)
     elif CONSTRAINT == ASAM:  # c = 1 on non-weight rows: x not needed
         if is_weight:  # a branch, not a mask: see k2_perturb on scalar masks
-            x = tl.load(x_ptr + idx, mask=mask, other=other).to(tl.float32)
+            x = tl.load(row.x_ptr + start + lanes, mask=mask, other=other).to(tl.float32)
         else:
             x = tl.zeros_like(g)
     else:
         x = g
-    if OBJECTIVE != GRADIENT and not FIRST_STEP:
-        m = tl.load(m_ptr + idx, mask=mask, other=other)
+    if OBJECTIVE != GRADIENT and EMA_READY:
+        m = tl.load(m_ptr + start + lanes, mask=mask, other=other)
     else:
         m = g
     cu, c, m_new = precondition(
-        g, x, m, is_weight, first, ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP
+        g=g, x=x, m=m, is_weight=is_weight, scalars=scalars,
+        OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT, EMA_READY=EMA_READY,
     )
     if MASKED:
         cu = tl.where(mask, cu, 0.0)
@@ -62,47 +66,44 @@ def _reduce_kernel(
     n_rows,
     backup_ptr,  # only its element type is used: the parameters' dtype
     grad_ema_ptr,
-    first_ptr,
+    ema_ready_ptr,
     partials_ptr,
     slot,
     ema_weight,
-    one_minus_weight,
-    alpha,
+    old_weight,
     delta,
     eta,
     OBJECTIVE: tl.constexpr,
     CONSTRAINT: tl.constexpr,
-    FIRST_STEP: tl.constexpr,
+    EMA_READY: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     elem = backup_ptr.dtype.element_ty
-    first = load_first(first_ptr, OBJECTIVE, FIRST_STEP)
+    scalars = Scalars(
+        ema_ready=load_ema_ready(ema_ready_ptr, OBJECTIVE, EMA_READY), ema_weight=ema_weight,
+        old_weight=old_weight, delta=delta, eta=eta,
+    )
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     r = 0
     while r < n_rows:  # while, not range: see table.py on the interpreter
-        param_addr, grad_addr, length, offset, chunk_start, group, flags = load_row(table_ptr, r, ALIGNED)
-        x_ptr = as_pointer(param_addr, elem, ALIGNED)
-        g_ptr = as_pointer(grad_addr, elem, ALIGNED)
-        m_ptr = grad_ema_ptr + offset
-        is_weight = (flags & FLAG_WEIGHT) != 0
-        full = length // BLOCK
-        chunk = first_chunk(pid, num_programs, chunk_start)
+        row = load_row(table_ptr, r, elem, ALIGNED)
+        m_ptr = grad_ema_ptr + row.offset
+        is_weight = (row.flags & FLAG_WEIGHT) != 0
+        chunk, full = row_chunks(row, pid, num_programs, True, BLOCK)
         while chunk < full:  # whole chunks, unmasked (so loads vectorise)
-            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
             acc = _reduce_chunk(
-                acc, lanes, length - start, g_ptr + start, x_ptr + start, m_ptr + start, is_weight, first,
-                ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, False,
+                acc=acc, row=row, m_ptr=m_ptr, is_weight=is_weight, scalars=scalars, lanes=lanes,
+                start=chunk * BLOCK, OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT, EMA_READY=EMA_READY, MASKED=False,
             )
             chunk += num_programs
-        if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
-            start = chunk * BLOCK
+        if owns_tail(chunk, full, row.length, BLOCK):
             acc = _reduce_chunk(
-                acc, lanes, length - start, g_ptr + start, x_ptr + start, m_ptr + start, is_weight, first,
-                ema_weight, one_minus_weight, alpha, delta, eta, OBJECTIVE, CONSTRAINT, FIRST_STEP, True,
+                acc=acc, row=row, m_ptr=m_ptr, is_weight=is_weight, scalars=scalars, lanes=lanes,
+                start=chunk * BLOCK, OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT, EMA_READY=EMA_READY, MASKED=True,
             )
         r += 1
     tl.store(partials_ptr + slot + pid, tl.sum(acc, axis=0))
@@ -112,31 +113,31 @@ KERNEL = _reduce_kernel
 # Types of the arguments that are not constexprs ("PARAM": the parameters' dtype),
 # for compiling ahead of time (tests/test_codegen.py).
 ARGUMENTS = dict(
-    table_ptr="*i64", n_rows="i32", backup_ptr="*PARAM", grad_ema_ptr="*fp32", first_ptr="*fp32",
-    partials_ptr="*fp32", slot="i32", ema_weight="fp32", one_minus_weight="fp32", alpha="fp32", delta="fp32",
-    eta="fp32",
+    table_ptr="*i64", n_rows="i32", backup_ptr="*PARAM", grad_ema_ptr="*fp32", ema_ready_ptr="*fp32",
+    partials_ptr="*fp32", slot="i32", ema_weight="fp32", old_weight="fp32", delta="fp32", eta="fp32",
 )
 
 
-def constexprs(objective: Objective, constraint: Constraint, first_step: bool, aligned: bool, block: int = CHUNK) -> dict:
+def constexprs(objective: Objective, constraint: Constraint, ema_ready: bool, aligned: bool, block: int = CHUNK) -> dict:
     """The compile-time switches of one launch; every combination of the
     annotated switches is a kernel the launcher can produce."""
-    return dict(variant_constexprs(objective, constraint, first_step), ALIGNED=aligned, BLOCK=block)
+    return dict(variant_constexprs(objective, constraint, ema_ready), ALIGNED=aligned, BLOCK=block)
 
 
-def launch_reduce(dev_table, backup, grad_ema, first, partials, slot, programs, block, spec_args, variant):
-    """K1 over one bucket: writes partials[slot : slot + programs]. ``variant``:
-    (objective, constraint, first_step)."""
+def launch_reduce(dev_table, backup, grad_ema, ema_ready, partials, slot, programs, block, spec: Preconditioner):
+    """K1 over one bucket: writes partials[slot : slot + programs].
+    ``ema_ready``: None where the EMA is cold (or there is none), else a 0-d
+    fp32 device tensor, 1.0 once the EMA has had a finite step."""
     _reduce_kernel[(programs,)](
-        dev_table.rows,
-        dev_table.n_rows,
-        backup,
-        grad_ema,
-        first,
-        partials,
-        slot,
-        *spec_args,
+        table_ptr=dev_table.rows,
+        n_rows=dev_table.n_rows,
+        backup_ptr=backup,
+        grad_ema_ptr=grad_ema,
+        ema_ready_ptr=backup if ema_ready is None else ema_ready,  # unused while the EMA is cold
+        partials_ptr=partials,
+        slot=slot,
+        **variant_scalars(spec),
         num_warps=NUM_WARPS,
         maxnreg=MAX_REGISTERS,
-        **constexprs(*variant, dev_table.aligned, block),
+        **constexprs(spec.objective, spec.constraint, ema_ready is not None, dev_table.aligned, block),
     )

@@ -8,16 +8,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .table import CHUNK, FLAG_PERTURBED, as_pointer, first_chunk, load_row
+from .table import CHUNK, FLAG_PERTURBED, load_row, owns_tail, row_chunks
 
 # A pure copy; same chunking as K1/K2. Not measured yet.
 NUM_WARPS = 4
 
 
 @triton.jit
-def _restore_chunk(x_ptr, b_ptr, idx, length, MASKED: tl.constexpr):
-    mask = idx < length if MASKED else None
-    tl.store(x_ptr + idx, tl.load(b_ptr + idx, mask=mask), mask=mask)
+def _restore_chunk(row, b_ptr, lanes, start, MASKED: tl.constexpr):
+    """x <- backup over elements ``start + lanes`` of ``row`` (``b_ptr``: its backup slice)."""
+    mask = lanes < row.length - start if MASKED else None
+    tl.store(row.x_ptr + start + lanes, tl.load(b_ptr + start + lanes, mask=mask), mask=mask)
 
 
 @triton.jit
@@ -28,18 +29,15 @@ def _restore_kernel(table_ptr, n_rows, backup_ptr, ALIGNED: tl.constexpr, BLOCK:
     lanes = tl.arange(0, BLOCK)
     r = 0
     while r < n_rows:  # while, not range: see table.py on the interpreter
-        param_addr, grad_addr, length, offset, chunk_start, group, flags = load_row(table_ptr, r, ALIGNED)
-        x_ptr = as_pointer(param_addr, elem, ALIGNED)
-        b_ptr = backup_ptr + offset
-        full = tl.where((flags & FLAG_PERTURBED) != 0, length // BLOCK, -1)  # -1: skip the row
-        chunk = first_chunk(pid, num_programs, chunk_start)
+        row = load_row(table_ptr, r, elem, ALIGNED)
+        b_ptr = backup_ptr + row.offset
+        # An unperturbed row was never written: skipped.
+        chunk, full = row_chunks(row, pid, num_programs, (row.flags & FLAG_PERTURBED) != 0, BLOCK)
         while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
-            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
-            _restore_chunk(x_ptr + start, b_ptr + start, lanes, length - start, False)
+            _restore_chunk(row=row, b_ptr=b_ptr, lanes=lanes, start=chunk * BLOCK, MASKED=False)
             chunk += num_programs
-        if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
-            start = chunk * BLOCK
-            _restore_chunk(x_ptr + start, b_ptr + start, lanes, length - start, True)
+        if owns_tail(chunk, full, row.length, BLOCK):
+            _restore_chunk(row=row, b_ptr=b_ptr, lanes=lanes, start=chunk * BLOCK, MASKED=True)
         r += 1
 
 
@@ -55,5 +53,6 @@ def constexprs(aligned: bool, block: int = CHUNK) -> dict:
 def launch_restore(dev_table, backup, programs, block):
     """K3 over one bucket."""
     _restore_kernel[(programs,)](
-        dev_table.rows, dev_table.n_rows, backup, num_warps=NUM_WARPS, **constexprs(dev_table.aligned, block)
+        table_ptr=dev_table.rows, n_rows=dev_table.n_rows, backup_ptr=backup, num_warps=NUM_WARPS,
+        **constexprs(dev_table.aligned, block),
     )

@@ -4,8 +4,10 @@ Reads the saved x (the backup, for perturbed rows of an in-place table; x
 itself for rows never perturbed and for out-of-place tables), the gradient
 taken at x + e and the base optimizer's state, and writes the updated x and
 state: SGD (momentum, dampening, nesterov, weight decay, maximize) or Adam /
-AdamW (amsgrad off).  Hyperparameters are one fp32 row per param group
-(``base_update.*_COLUMNS``), indexed by the table row's group.
+AdamW (amsgrad off).  Hyperparameters are one fp32 row per param group,
+indexed by the table row's group, read by the column names of
+``base_update.SGD_COLUMNS`` / ``ADAM_COLUMNS`` (the one definition of the
+layout, which the host writes by name too).
 
 Same operations in the same order as torch.optim's single-tensor and foreach
 paths, each result rounded to the parameter dtype where torch materialises
@@ -14,22 +16,71 @@ contraction); with lr = 0, x comes back bit for bit.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import triton
 import triton.language as tl
 
-from .table import CHUNK, FLAG_PERTURBED, as_pointer, first_chunk, load_row
+from ... import base_update
+from ...base_update import ADAM_COLUMNS, SGD_COLUMNS, STATE_KEYS
+from .table import CHUNK, FLAG_PERTURBED, load_row, owns_tail, row_chunks
 
 # A streaming update like K3 plus the state: same chunking. Not measured yet.
 NUM_WARPS = 4
-# fp32 slots per param group in the hyperparameter tensor (64 B rows);
-# constexpr: the compiled kernel may read no other kind of global.
-HYPER_WIDTH = tl.constexpr(16)
+# fp32 slots per param group in the hyperparameter tensor; constexpr: the
+# compiled kernel may read no other kind of global.
+HYPER_WIDTH = tl.constexpr(base_update.HYPER_WIDTH)
 
 SGD = tl.constexpr(0)
 ADAM = tl.constexpr(1)
 KIND_CODE = {"sgd": 0, "adam": 1}
+
+# The hyperparameter columns the kernel reads, constexpr indices looked up by
+# name in base_update's layout (a column it does not define fails on import).
+_SGD_COLUMN = {name: tl.constexpr(i) for i, name in enumerate(SGD_COLUMNS)}
+_ADAM_COLUMN = {name: tl.constexpr(i) for i, name in enumerate(ADAM_COLUMNS)}
+SGD_LR = _SGD_COLUMN["lr"]
+SGD_MOMENTUM = _SGD_COLUMN["momentum"]
+SGD_ONE_MINUS_DAMPENING = _SGD_COLUMN["one_minus_dampening"]
+SGD_WEIGHT_DECAY = _SGD_COLUMN["weight_decay"]
+SGD_NESTEROV = _SGD_COLUMN["nesterov"]
+SGD_MAXIMIZE = _SGD_COLUMN["maximize"]
+SGD_FIRST = _SGD_COLUMN["first"]
+ADAM_NEG_STEP_SIZE = _ADAM_COLUMN["neg_step_size"]
+ADAM_BIAS_CORRECTION2_SQRT = _ADAM_COLUMN["bias_correction2_sqrt"]
+ADAM_EPS = _ADAM_COLUMN["eps"]
+ADAM_DECAY = _ADAM_COLUMN["decay"]
+ADAM_WEIGHT_DECAY = _ADAM_COLUMN["weight_decay"]
+ADAM_BETA1_WEIGHT = _ADAM_COLUMN["beta1_weight"]
+ADAM_BETA2 = _ADAM_COLUMN["beta2"]
+ADAM_ONE_MINUS_BETA2 = _ADAM_COLUMN["one_minus_beta2"]
+ADAM_MAXIMIZE = _ADAM_COLUMN["maximize"]
+
+
+class _SgdHyper(NamedTuple):  # a group's row, by base_update.SGD_COLUMNS' names
+    lr: tl.tensor
+    momentum: tl.tensor
+    one_minus_dampening: tl.tensor
+    weight_decay: tl.tensor
+    nesterov: tl.tensor
+    maximize: tl.tensor
+    first: tl.tensor  # the momentum buffers start now
+
+
+class _AdamHyper(NamedTuple):  # by base_update.ADAM_COLUMNS' names
+    neg_step_size: tl.tensor
+    bias_correction2_sqrt: tl.tensor
+    eps: tl.tensor
+    decay: tl.tensor
+    weight_decay: tl.tensor
+    beta1_weight: tl.tensor
+    beta2: tl.tensor
+    one_minus_beta2: tl.tensor
+    maximize: tl.tensor
+
+
+# Every column the host writes is read (and no other).
+assert set(_SgdHyper._fields) == set(SGD_COLUMNS) and set(_AdamHyper._fields) == set(ADAM_COLUMNS)
 
 
 @triton.jit
@@ -39,49 +90,74 @@ def _round(v, elem):
 
 
 @triton.jit
-def _step_chunk(
-    idx, length, x_ptr, src_ptr, g_ptr, s1_ptr, s2_ptr, h0, h1, h2, h3, h4, h5, h6, h7, h8,
-    KIND: tl.constexpr, MASKED: tl.constexpr,
+def _load_hyper(h, KIND: tl.constexpr):
+    """The group's row of hyperparameters at ``h``, by column name."""
+    if KIND == SGD:
+        hyper = _SgdHyper(
+            lr=tl.load(h + SGD_LR), momentum=tl.load(h + SGD_MOMENTUM),
+            one_minus_dampening=tl.load(h + SGD_ONE_MINUS_DAMPENING), weight_decay=tl.load(h + SGD_WEIGHT_DECAY),
+            nesterov=tl.load(h + SGD_NESTEROV), maximize=tl.load(h + SGD_MAXIMIZE), first=tl.load(h + SGD_FIRST),
+        )
+    else:
+        hyper = _AdamHyper(
+            neg_step_size=tl.load(h + ADAM_NEG_STEP_SIZE),
+            bias_correction2_sqrt=tl.load(h + ADAM_BIAS_CORRECTION2_SQRT), eps=tl.load(h + ADAM_EPS),
+            decay=tl.load(h + ADAM_DECAY), weight_decay=tl.load(h + ADAM_WEIGHT_DECAY),
+            beta1_weight=tl.load(h + ADAM_BETA1_WEIGHT), beta2=tl.load(h + ADAM_BETA2),
+            one_minus_beta2=tl.load(h + ADAM_ONE_MINUS_BETA2), maximize=tl.load(h + ADAM_MAXIMIZE),
+        )
+    return hyper
+
+
+@triton.jit
+def _restore_step_chunk(
+    x_ptr, src_ptr, g_ptr, s1_ptr, s2_ptr, h, lanes, length, KIND: tl.constexpr, MASKED: tl.constexpr
 ):
-    mask = idx < length if MASKED else None
+    """x <- the base step from the saved x (at ``src_ptr``) over elements
+    ``lanes`` of a chunk (pointers at its start, ``length`` elements left in
+    the row); ``s1_ptr``, ``s2_ptr``: the state; ``h``: the group's
+    hyperparameters (_SgdHyper or _AdamHyper). Unlike K1-K3's chunk functions
+    it takes pointers, not the row and ``start``: ptxas gives the unaligned
+    Adam variants 80-116 registers the other way, 72-118 this way (as before
+    the named-arguments rewrite)."""
+    mask = lanes < length if MASKED else None
     other = 0.0 if MASKED else None
-    x_raw = tl.load(src_ptr + idx, mask=mask, other=other)
+    x_raw = tl.load(src_ptr + lanes, mask=mask, other=other)
     elem = x_raw.dtype
     x = x_raw.to(tl.float32)
-    g = tl.load(g_ptr + idx, mask=mask, other=other).to(tl.float32)
+    g = tl.load(g_ptr + lanes, mask=mask, other=other).to(tl.float32)
     if KIND == SGD:
-        lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize, first = h0, h1, h2, h3, h4, h5, h6
-        d = tl.where(maximize != 0.0, -g, g)
-        d = tl.where(weight_decay != 0.0, _round(d + weight_decay * x, elem), d)
-        # A branch, not a mask: without momentum there is no buffer (s1_ptr is
+        d = tl.where(h.maximize != 0.0, -g, g)
+        d = tl.where(h.weight_decay != 0.0, _round(d + h.weight_decay * x, elem), d)
+        # A branch, not a mask: without momentum there is no buffer (state1 is
         # then another buffer, never to be written), and a scalar i1 in a mask
         # is rejected by Triton 3.9's interpreter.
-        if momentum != 0.0:
-            buf = tl.load(s1_ptr + idx, mask=mask, other=other).to(tl.float32)
-            buf = tl.where(first != 0.0, d, _round(_round(buf * momentum, elem) + one_minus_dampening * d, elem))
-            tl.store(s1_ptr + idx, buf.to(elem), mask=mask)
-            step_dir = tl.where(nesterov != 0.0, _round(d + momentum * buf, elem), buf)
+        if h.momentum != 0.0:
+            buf = tl.load(s1_ptr + lanes, mask=mask, other=other).to(tl.float32)
+            buf = tl.where(
+                h.first != 0.0, d, _round(_round(buf * h.momentum, elem) + h.one_minus_dampening * d, elem)
+            )
+            tl.store(s1_ptr + lanes, buf.to(elem), mask=mask)
+            step_dir = tl.where(h.nesterov != 0.0, _round(d + h.momentum * buf, elem), buf)
         else:
             step_dir = d
-        x_new = x + (-lr) * step_dir
+        x_new = x + (-h.lr) * step_dir
     else:
-        neg_step_size, bc2_sqrt, eps, decay, weight_decay, w1, beta2, one_minus_beta2, maximize = (
-            h0, h1, h2, h3, h4, h5, h6, h7, h8
-        )
-        d = tl.where(maximize != 0.0, -g, g)
-        x = _round(x * decay, elem)  # decoupled weight decay (decay = 1 otherwise: exact)
-        d = tl.where(weight_decay != 0.0, _round(d + weight_decay * x, elem), d)
-        m = tl.load(s1_ptr + idx, mask=mask, other=other).to(tl.float32)
-        v = tl.load(s2_ptr + idx, mask=mask, other=other).to(tl.float32)
+        d = tl.where(h.maximize != 0.0, -g, g)
+        x = _round(x * h.decay, elem)  # decoupled weight decay (decay = 1 otherwise: exact)
+        d = tl.where(h.weight_decay != 0.0, _round(d + h.weight_decay * x, elem), d)
+        m = tl.load(s1_ptr + lanes, mask=mask, other=other).to(tl.float32)
+        v = tl.load(s2_ptr + lanes, mask=mask, other=other).to(tl.float32)
         # torch's lerp: start + w (end - start) for |w| < 0.5, else end - (end - start)(1 - w)
+        w1 = h.beta1_weight
         m = tl.where(w1 < 0.5, m + w1 * (d - m), d - (d - m) * (1.0 - w1))
         m = _round(m, elem)
-        v = _round(_round(v * beta2, elem) + (one_minus_beta2 * d) * d, elem)
-        tl.store(s1_ptr + idx, m.to(elem), mask=mask)
-        tl.store(s2_ptr + idx, v.to(elem), mask=mask)
-        denom = _round(_round(tl.div_rn(_round(tl.sqrt_rn(v), elem), bc2_sqrt), elem) + eps, elem)
-        x_new = x + tl.div_rn(neg_step_size * m, denom)
-    tl.store(x_ptr + idx, x_new.to(elem), mask=mask)
+        v = _round(_round(v * h.beta2, elem) + (h.one_minus_beta2 * d) * d, elem)
+        tl.store(s1_ptr + lanes, m.to(elem), mask=mask)
+        tl.store(s2_ptr + lanes, v.to(elem), mask=mask)
+        denom = _round(_round(tl.div_rn(_round(tl.sqrt_rn(v), elem), h.bias_correction2_sqrt), elem) + h.eps, elem)
+        x_new = x + tl.div_rn(h.neg_step_size * m, denom)
+    tl.store(x_ptr + lanes, x_new.to(elem), mask=mask)
 
 
 @triton.jit
@@ -103,39 +179,27 @@ def _restore_step_kernel(
     lanes = tl.arange(0, BLOCK)
     r = 0
     while r < n_rows:  # while, not range: see table.py on the interpreter
-        param_addr, grad_addr, length, offset, chunk_start, group, flags = load_row(table_ptr, r, ALIGNED)
-        x_ptr = as_pointer(param_addr, elem, ALIGNED)
-        g_ptr = as_pointer(grad_addr, elem, ALIGNED)
-        src_ptr = x_ptr
+        row = load_row(table_ptr, r, elem, ALIGNED)
+        src_ptr = row.x_ptr
         if FROM_BACKUP:
-            if (flags & FLAG_PERTURBED) != 0:
-                src_ptr = backup_ptr + offset
-        s1_ptr = state1_ptr + offset
-        s2_ptr = state2_ptr + offset
-        h = hyper_ptr + group * HYPER_WIDTH
-        h0 = tl.load(h + 0)
-        h1 = tl.load(h + 1)
-        h2 = tl.load(h + 2)
-        h3 = tl.load(h + 3)
-        h4 = tl.load(h + 4)
-        h5 = tl.load(h + 5)
-        h6 = tl.load(h + 6)
-        h7 = tl.load(h + 7)
-        h8 = tl.load(h + 8)
-        full = length // BLOCK
-        chunk = first_chunk(pid, num_programs, chunk_start)
+            if (row.flags & FLAG_PERTURBED) != 0:
+                src_ptr = backup_ptr + row.offset
+        s1_ptr = state1_ptr + row.offset
+        s2_ptr = state2_ptr + row.offset
+        h = _load_hyper(hyper_ptr + row.group * HYPER_WIDTH, KIND)
+        chunk, full = row_chunks(row, pid, num_programs, True, BLOCK)
         while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
-            start = chunk * BLOCK  # pointers advance a chunk at a time: the lanes' offsets stay 32-bit
-            _step_chunk(
-                lanes, length - start, x_ptr + start, src_ptr + start, g_ptr + start, s1_ptr + start, s2_ptr + start,
-                h0, h1, h2, h3, h4, h5, h6, h7, h8, KIND, False,
+            start = chunk * BLOCK
+            _restore_step_chunk(
+                x_ptr=row.x_ptr + start, src_ptr=src_ptr + start, g_ptr=row.g_ptr + start, s1_ptr=s1_ptr + start,
+                s2_ptr=s2_ptr + start, h=h, lanes=lanes, length=row.length - start, KIND=KIND, MASKED=False,
             )
             chunk += num_programs
-        if (chunk == full) & (full * BLOCK < length):  # this program owns the tail
+        if owns_tail(chunk, full, row.length, BLOCK):
             start = chunk * BLOCK
-            _step_chunk(
-                lanes, length - start, x_ptr + start, src_ptr + start, g_ptr + start, s1_ptr + start, s2_ptr + start,
-                h0, h1, h2, h3, h4, h5, h6, h7, h8, KIND, True,
+            _restore_step_chunk(
+                x_ptr=row.x_ptr + start, src_ptr=src_ptr + start, g_ptr=row.g_ptr + start, s1_ptr=s1_ptr + start,
+                s2_ptr=s2_ptr + start, h=h, lanes=lanes, length=row.length - start, KIND=KIND, MASKED=True,
             )
         r += 1
 
@@ -154,18 +218,22 @@ def constexprs(kind: Literal["sgd", "adam"], from_backup: bool, aligned: bool, b
     return dict(KIND=KIND_CODE[kind], FROM_BACKUP=from_backup, ALIGNED=aligned, BLOCK=block)
 
 
-def launch_restore_step(dev_table, backup, hyper, state1, state2, kind, from_backup, programs, block):
-    """K4 over one bucket. ``backup``: the flat buffer x was saved in (its dtype
-    is the parameters'); ``state1``/``state2``: momentum_buffer, or exp_avg and
-    exp_avg_sq (unused ones may be any buffer); ``hyper``: [groups, HYPER_WIDTH] fp32."""
+def launch_restore_step(dev_table, saved, hyper, state, kind, from_backup, programs, block):
+    """K4 over one bucket. ``saved``: the flat buffer x was saved in (its dtype
+    is the parameters'); ``state``: the bucket's flat state buffers by torch's
+    key (``base_update.STATE_KEYS[kind]``; SGD without momentum has none);
+    ``hyper``: [groups, HYPER_WIDTH] fp32."""
+    keys = STATE_KEYS[kind]
+    state1 = state.get(keys[0], saved)  # an unused pointer may be any buffer
+    state2 = state.get(keys[1], saved) if len(keys) > 1 else saved
     aligned = dev_table.aligned and state1.data_ptr() % 16 == 0 and state2.data_ptr() % 16 == 0
     _restore_step_kernel[(programs,)](
-        dev_table.rows,
-        dev_table.n_rows,
-        backup,
-        hyper,
-        state1,
-        state2,
+        table_ptr=dev_table.rows,
+        n_rows=dev_table.n_rows,
+        backup_ptr=saved,
+        hyper_ptr=hyper,
+        state1_ptr=state1,
+        state2_ptr=state2,
         num_warps=NUM_WARPS,
         **constexprs(kind, from_backup, aligned, block),
     )

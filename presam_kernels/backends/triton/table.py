@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -64,9 +65,21 @@ FLAG_PERTURBED = tl.constexpr(2)
 OFFSET_ALIGN = 16
 
 
+class Row(NamedTuple):
+    """One row of the device table, as the kernels use it."""
+
+    x_ptr: tl.tensor  # the parameter, as a pointer to the bucket's dtype
+    g_ptr: tl.tensor  # its gradient, same dtype
+    length: tl.tensor  # elements
+    offset: tl.tensor  # of the row in the bucket's flat buffers (elements)
+    chunk_start: tl.tensor  # index of the row's first chunk among all chunks of the table
+    group: tl.tensor  # param group index
+    flags: tl.tensor  # FLAG_WEIGHT | FLAG_PERTURBED
+
+
 @triton.jit
-def load_row(table_ptr, r, ALIGNED: tl.constexpr):
-    """(param address, grad address, length, offset, first chunk, group, flags) of row r."""
+def load_row(table_ptr, r, elem, ALIGNED: tl.constexpr):
+    """Row r of the table, its addresses as pointers to ``elem``."""
     row = table_ptr + r * 8
     param_addr = tl.load(row + 0)
     grad_addr = tl.load(row + 1)
@@ -77,7 +90,10 @@ def load_row(table_ptr, r, ALIGNED: tl.constexpr):
     flags = tl.load(row + 6)
     if ALIGNED:  # the host checked: offsets are multiples of 16 elements
         offset = tl.multiple_of(offset, 16)
-    return param_addr, grad_addr, length, offset, chunk_start, group, flags
+    return Row(
+        x_ptr=as_pointer(param_addr, elem, ALIGNED), g_ptr=as_pointer(grad_addr, elem, ALIGNED), length=length,
+        offset=offset, chunk_start=chunk_start, group=group, flags=flags,
+    )
 
 
 @triton.jit
@@ -96,6 +112,33 @@ def first_chunk(pid, num_programs, chunk_start):
     """The first chunk of a row that program ``pid`` owns: chunks are dealt out
     round-robin over the whole table (global chunk index mod num_programs)."""
     return (pid + num_programs - chunk_start % num_programs) % num_programs
+
+
+@triton.jit
+def row_chunks(row, pid, num_programs, walk, BLOCK: tl.constexpr):
+    """(this program's first chunk of ``row``, the row's number of whole
+    chunks); with ``walk`` False, -1 whole chunks and no tail: the row is
+    skipped. A kernel's row walk is then::
+
+        chunk, full = row_chunks(...)
+        while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
+            ..._chunk(..., start=chunk * BLOCK, MASKED=False)
+            chunk += num_programs
+        if owns_tail(chunk, full, row.length, BLOCK):
+            ..._chunk(..., start=chunk * BLOCK, MASKED=True)
+
+    (Triton turns a constexpr carried in a tuple into an i32 value, so one
+    walk function calling the kernel's chunk function could not pass it the
+    kernel's switches: the two loops stay in each kernel.) Pointers advance
+    by ``start``, so the lanes' offsets stay 32-bit."""
+    full = tl.where(walk, row.length // BLOCK, -1)
+    return first_chunk(pid, num_programs, row.chunk_start), full
+
+
+@triton.jit
+def owns_tail(chunk, full, length, BLOCK: tl.constexpr):
+    """Whether the program that stopped at ``chunk`` owns the row's last, partial chunk."""
+    return (chunk == full) & (full * BLOCK < length)
 
 
 def interpreting() -> bool:
