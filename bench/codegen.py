@@ -67,7 +67,7 @@ def merge(runs: list) -> dict:
     return dict(
         triton=runs[0]["triton"],
         skipped=next((run["skipped"] for run in runs if run.get("skipped")), None),
-        what="; ".join(describe(run) for run in runs),
+        what="; then, replacing those records, ".join(describe(run) for run in runs),
         records=list(seen.values()),
     )
 
@@ -117,6 +117,39 @@ def _other_cells(rows: list) -> str:
         return " - | - |"
     regs = lambda arch: _span([r["regs"] for r in rows if r["arch"] == arch] or [0])  # noqa: E731
     return f" {regs(90)} ({regs(80)}) | {max(r['spill_stores'] + r['spill_loads'] for r in rows)} |"
+
+
+def _programs(r) -> int:
+    return programs_per_sm(r["regs"], r["num_warps"], r["static_shared"] + r["dynamic_shared"])
+
+
+def _programs_line(all_90: list, fewest_k2: int) -> str:
+    """What the sm_90 registers say of PROGRAMS_PER_SM: whether every launch is one resident wave."""
+    wanted = table.PROGRAMS_PER_SM
+    short = [r for r in all_90 if _programs(r) < wanted]
+    fewest = min(_programs(r) for r in all_90)
+    tail = (
+        f" Whether {wanted} x 4 warps = {wanted * 4} warps per SM keep enough bytes in flight to reach copy "
+        "bandwidth is what `bench/launch_sweep.py` measures: **needs a GPU**."
+    )
+    if not short:
+        return (
+            f"- **PROGRAMS_PER_SM = {wanted}: supported.** Every sm_90 specialization fits at least {fewest} "
+            f"programs per SM (K2: {fewest_k2}), so the launch's {wanted} x {H100_SMS} programs are all resident "
+            "at once: one wave, no tail of programs waiting for a slot." + tail
+        )
+    classes = sorted({
+        f"{r['kernel']} {r['dtype']} {_class(r)}, {'aligned' if r['constexprs']['ALIGNED'] else 'unaligned'}"
+        for r in short
+    })
+    aligned = [r for r in short if r["constexprs"]["ALIGNED"]]
+    return (
+        f"- **PROGRAMS_PER_SM = {wanted}: supported except for {len(short)} of {len(all_90)} sm_90 "
+        f"specializations** ({len(aligned)} of them on aligned rows), which fit only {fewest} programs per SM by "
+        f"their registers, so on an H100 a launch of {wanted} x {H100_SMS} programs runs in two waves there: "
+        + "; ".join(classes[:8]) + ("; ..." if len(classes) > 8 else "")
+        + f". Every other specialization (K2: at least {fewest_k2}) is one resident wave." + tail
+    )
 
 
 def _widths(bits: list) -> str:
@@ -237,11 +270,7 @@ def render(data: dict, before: dict | None = None, others: list = ()) -> str:
         + ", ".join(f"{n} {m.NUM_WARPS}" for n, m in KERNEL_MODULES.items())
         + ".",
         "",
-        f"- **PROGRAMS_PER_SM = {table.PROGRAMS_PER_SM}: supported.** Every sm_90 specialization fits at least "
-        f"{fewest_any} programs per SM (K2: {fewest}), so the launch's {table.PROGRAMS_PER_SM} x {H100_SMS} "
-        "programs are all resident at once: one wave, no tail of programs waiting for a slot. Whether "
-        f"{table.PROGRAMS_PER_SM} x 4 warps = {table.PROGRAMS_PER_SM * 4} warps per SM keep enough bytes in "
-        "flight to reach copy bandwidth is what `bench/launch_sweep.py` measures: **needs a GPU**.",
+        _programs_line(all_90, fewest),
         f"- **CHUNK = {table.CHUNK} at 4 warps: supported for the access width.** It gives each thread "
         f"{table.CHUNK // 128} consecutive elements, which the aligned hot loops move as 128-bit accesses "
         "(the tables above: every aligned row's hot loop is 128 bits wide in every dtype). A smaller chunk "
