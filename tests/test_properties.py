@@ -14,18 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import BF16, FP16, FP32, VARIANTS, assert_bits_equal, assert_close, new_params, run_against_oracle, set_grad
 from oracle import F64, Oracle
-from test_numerics import (
-    BF16,
-    FP16,
-    FP32,
-    VARIANTS,
-    assert_bits_equal,
-    assert_matches,
-    new_params,
-    run_against_oracle,
-    set_grad,
-)
 
 PROPERTY_SETTINGS = settings(
     max_examples=25,
@@ -84,10 +74,12 @@ def test_perturbation_has_norm_rho_in_the_constraint_metric(
             total += float(((e / c) ** 2).sum())
         norm = total**0.5
         rtol = NORM_RTOL[dtype]
-        if backend == "triton" and INTERPRETER and dtype != torch.float32:
-            # The interpreter truncates fp32 -> 16-bit stores (a GPU rounds to
-            # nearest: docs/design.md §4), which shortens every element of e by up
-            # to one ulp in the same direction: the norm may be up to 2 ulp low.
+        if backend == "triton" and INTERPRETER and dtype == torch.bfloat16:
+            # Triton 3.6's interpreter truncates fp32 -> bf16 stores (a GPU rounds
+            # to nearest; fp16 stores do round to nearest there): storing 4096
+            # randn values through a kernel, 2047 bf16 results sat one ulp nearer
+            # zero than torch's rounding, none for fp16. Every element of e then
+            # shrinks by up to one ulp (2^-7 relative), not half, all the same way.
             rtol = 2 * rtol
         assert norm == pytest.approx(rho, rel=rtol), f"step {t}: ||C e|| = {norm!r}, rho = {rho!r}"
         opt.second_step()
@@ -170,4 +162,4 @@ def test_infosam_first_step_is_sam_bit_for_bit(shapes, tol, rho, flat, seed, bac
     expected = Oracle(VARIANTS["sam"].spec, len(xs)).step(xs, gs, [rho] * len(xs))
     for i, (sam, info, x_adv) in enumerate(zip(*results, expected)):
         assert_bits_equal(info, sam, f"infoSAM vs SAM, param {i}")
-        assert_matches(info, x_adv, tol, f"param {i}")
+        assert_close(info, x_adv, tol, f"param {i}")
