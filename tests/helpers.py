@@ -8,6 +8,7 @@ Tests parametrize shapes x tolerances, e.g.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -32,12 +33,32 @@ DTYPES = [pytest.param(FP32, id="fp32"), pytest.param(BF16, id="bf16"), pytest.p
 
 # -- shapes: lists of (shape, memory_format), odd sizes, not multiples of any block --
 CL = torch.channels_last
+LARGE = 4097  # past a 4096-element block by one
 SHAPES = {
     "size1": [((1,), None)],
     "size7": [((7,), None)],
-    "size4097": [((4097,), None)],
-    "mixed": [((3, 5), None), ((7,), None), ((1,), None), ((4, 3, 3, 5), CL), ((4097,), None), ((2, 1, 3), None)],
+    "size4097": [((LARGE,), None)],
+    "mixed": [((3, 5), None), ((7,), None), ((1,), None), ((4, 3, 3, 5), CL), ((LARGE,), None), ((2, 1, 3), None)],
 }
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # set by tests/conftest.py
+# The interpreter dereferences host addresses, compiled kernels device ones.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu")
+
+
+def interpreted(backend) -> bool:
+    """Whether ``backend`` runs its kernels in Triton's interpreter (a Python
+    loop over programs and chunks: about a second per step at LARGE)."""
+    return backend == "triton" and INTERPRETER
+
+
+def interpreter_large() -> int:
+    """LARGE as the interpreted Triton backend runs it: one program walks two
+    whole chunks of the row (programs + 1 of them) and another the masked
+    tail of one element, the code paths LARGE takes (1025 at 3 programs of
+    256-element chunks), at a quarter of the chunks."""
+    from presam_kernels.backends.triton import table
+
+    return (table.INTERPRETER_PROGRAMS + 1) * table.INTERPRETER_CHUNK + 1
 
 
 # -- the two checks -----------------------------------------------------------------
@@ -75,8 +96,9 @@ INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat
 
 
 def bits(t):
-    """The tensor's bits as integers (NaN payloads and signed zeros compare too)."""
-    return t.detach().view(INT_VIEW[t.dtype])
+    """A float tensor's bits as integers (NaN payloads and signed zeros
+    compare too); any other tensor as it is."""
+    return t.detach().view(INT_VIEW[t.dtype]) if t.dtype in INT_VIEW else t.detach()
 
 
 def assert_bits_equal(actual, expected, what=""):
@@ -140,10 +162,13 @@ EMA_VARIANTS = [name for name, v in VARIANTS.items() if v.has_ema]
 
 
 # -- tensors and gradients by hand ---------------------------------------------------
-def make_tensors(shapes, dtype=torch.float32, device="cpu", scale=1.0, generator=None):
-    """Random tensors for a list of (shape, memory_format)."""
+def make_tensors(shapes, dtype=torch.float32, device="cpu", scale=1.0, generator=None, backend=None):
+    """Random tensors for a list of (shape, memory_format); for the interpreted
+    Triton backend a LARGE dimension is cut to ``interpreter_large()``."""
     out = []
     for shape, memory_format in shapes:
+        if interpreted(backend):
+            shape = tuple(interpreter_large() if n == LARGE else n for n in shape)
         t = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
         t = t.to(device=device, dtype=dtype)
         if memory_format is not None:
