@@ -73,6 +73,12 @@ def pytest_collection_modifyitems(config, items):
         callspec = getattr(item, "callspec", None)
         if "triton" in item.nodeid or (callspec is not None and callspec.params.get("backend") == "triton"):
             item.add_marker(pytest.mark.triton)
+        # pytest-xdist (`make test`: -n 2 --dist loadgroup): a module-scoped
+        # fixture (spawned ranks, a codegen sweep) is built once per worker that
+        # runs a test of its module, so such a module runs on one worker.
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d.scope == "module" for fixturedefs in defs.values() for d in fixturedefs):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     if not ALL_CASES:
         return
     wanted = {"core_case", "codegen_report"}  # the codegen test compiles every specialization then
