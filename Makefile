@@ -17,15 +17,20 @@ $(STAMP): requirements-test.txt setup.py $(wildcard csrc/*)
 demo: $(STAMP)
 	$(PY) -m presam_kernels compare
 
-# One thread: the suite is many small ops, where thread hand-offs cost more than they give.
+# One thread per process: the suite is many small ops, where thread hand-offs cost
+# more than they give. Two pytest-xdist workers (XDIST; a module with a module-scoped
+# fixture stays on one worker: tests/conftest.py).
+XDIST := -n 2 --dist loadgroup
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests bench --benchmark-disable
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST) tests bench --benchmark-disable
 
 # The interpreted Triton cases `make test` leaves out as not core (tests/conftest.py,
-# PRESAM_ALL_CASES). Run by .ci/run after `make test`.
+# PRESAM_ALL_CASES), at interpreter sizes (tests/helpers.py). Before those sizes and
+# xdist: 36 min on a loaded machine, 653 s of CPU (one process).
+# Run by .ci/run right after `make test`.
 test-all-cases: $(STAMP)
-	PRESAM_ALL_CASES=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	PRESAM_ALL_CASES=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST) tests
 
 # The kernels' GPU code for every specialization (make test: a covering set).
 # About 1000 compiles: ~5-8 min on 2 idle cores, seconds when cached. Run by .ci/run.
@@ -44,8 +49,10 @@ $(T39)/.installed: $(STAMP)
 	$(T39)/bin/python -c 'import triton; assert triton.__version__ == "3.9.0", triton.__version__'
 	touch $@
 
+# Every test that runs the Triton kernels (-m triton), core and non-core cases
+# (PRESAM_EVERY_CASE), then the codegen sweep.
 test-triton-next: $(T39)/.installed
-	OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q tests/test_triton_backend.py tests/test_fused_step.py
+	PRESAM_EVERY_CASE=1 OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q $(XDIST) -m triton tests
 	PRESAM_ALL_CASES=1 OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q tests/test_codegen.py
 
 bench: $(STAMP)

@@ -61,9 +61,24 @@ def device():
 # only the interpreted Triton cases that `make test` skips as not core, and the
 # codegen test over every specialization (tests/test_codegen.py).
 ALL_CASES = os.environ.get("PRESAM_ALL_CASES", "") == "1"
+# PRESAM_EVERY_CASE=1 (`make test-triton-next`, with -m triton): core cases and
+# the rest in one run.
+EVERY_CASE = os.environ.get("PRESAM_EVERY_CASE", "") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
+    # -m triton: every test that runs the Triton kernels through the optimizer
+    # (a "triton" backend parameter, or "triton" in its name or file name).
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if "triton" in item.nodeid or (callspec is not None and callspec.params.get("backend") == "triton"):
+            item.add_marker(pytest.mark.triton)
+        # pytest-xdist (`make test`: -n 2 --dist loadgroup): a module-scoped
+        # fixture (spawned ranks, a codegen sweep) is built once per worker that
+        # runs a test of its module, so such a module runs on one worker.
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d.scope == "module" for fixturedefs in defs.values() for d in fixturedefs):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     if not ALL_CASES:
         return
     wanted = {"core_case", "codegen_report"}  # the codegen test compiles every specialization then
@@ -76,6 +91,8 @@ def non_core_skipped(backend, is_core: bool):
     """Skip what this run leaves to the other: `make test` runs the core cases
     of the interpreted Triton backend (about a second per step), PRESAM_ALL_CASES
     the rest; a GPU, or the eager backend, runs every case in `make test`."""
+    if EVERY_CASE:
+        return
     interpreted = backend == "triton" and INTERPRETER
     if ALL_CASES and not (interpreted and not is_core):
         pytest.skip("PRESAM_ALL_CASES: `make test` runs this case")

@@ -1,5 +1,5 @@
 """A float64 re-computation of docs/design.md §1, written from the equations
-and independent of the package, plus the one comparison helper the tests share.
+and independent of the package (tests/helpers.py compares against it).
 
 One step at parameters x with gradients g:
 
@@ -105,29 +105,3 @@ class Oracle:
             self.started = True
         return out
 
-
-def assert_close_to(actual, expected, atol, rtol, what=""):
-    """|actual - expected| <= atol + rtol * |expected| elementwise, where a NaN
-    matches only a NaN and an infinity only the same infinity; on failure,
-    report the max error and the worst element's flat index and both values."""
-    a = actual.detach().to(F64).reshape(-1)
-    e = expected.detach().to(F64).reshape(-1)
-    assert a.shape == e.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    same = (a == e) | (torch.isnan(a) & torch.isnan(e))
-    err = torch.where(same, torch.zeros_like(a), (a - e).abs())
-    err = torch.nan_to_num(err, nan=float("inf"))
-    allowed = torch.where(torch.isfinite(e), atol + rtol * e.abs(), torch.zeros_like(e))
-    bad = err > allowed
-    if bool(bad.any()):
-        k = int(torch.where(bad, err - allowed, torch.full_like(err, -1.0)).nan_to_num(nan=float("inf")).argmax())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {a.numel()} elements off (atol={atol:g}, rtol={rtol:g}); "
-            f"max error {float(err.max()):.6g}; worst at flat index {k}: "
-            f"actual {float(a[k])!r}, expected {float(e[k])!r}"
-        )
-
-
-def round_to(values, dtype):
-    """float64 values as the nearest ``dtype`` values (the reference a
-    low-precision parameter is compared with), back in float64."""
-    return values.to(dtype).to(F64)

@@ -12,28 +12,18 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from helpers import (
+    FP32, MODES, TRAINING_STATE_KEYS, TRAINING_VARIANTS, assert_close, assert_params_close, loss_of, make_model,
+)
+from helpers import batch as batch_of
 from presam_kernels import SAM, InfoSAM
 
-MODES = pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
-TOL = dict(rtol=1e-5, atol=1e-6)
 INIT_SCALE = 2.0**10
 
 
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
 def batch(k: int, n: int = 16):
-    gen = torch.Generator().manual_seed(3000 + k)
-    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
-
-
-def loss_of(model, b):
-    return F.cross_entropy(model(b[0]), b[1])
+    return batch_of(k, n, first_seed=3000)
 
 
 def make_scaler(**kw):
@@ -106,14 +96,7 @@ def assert_unchanged(model, opt, snap, what):
             assert same, f"{what}: state[{i}][{k!r}] changed"
 
 
-VARIANTS = {
-    "SAM+SGD": lambda params, flatten: SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
-                                            flatten=flatten),
-    "InfoSAM+SGD": lambda params, flatten: InfoSAM(params, torch.optim.SGD, rho=0.05, alpha=0.9, delta=1e-3,
-                                                   lr=0.1, momentum=0.9, flatten=flatten),
-    "InfoSAM+Adam": lambda params, flatten: InfoSAM(params, torch.optim.Adam, rho=0.05, alpha=0.9, delta=1e-3,
-                                                    lr=0.01, flatten=flatten),
-}
+VARIANTS = TRAINING_VARIANTS
 
 
 # ---------------------------------------------------------------------------
@@ -136,11 +119,11 @@ def test_gradients_are_unscaled_exactly_once_per_pass(flatten, user_unscales):
         scaler.unscale_(opt)
     opt.first_step(zero_grad=False, grad_scaler=scaler)
     for p, g in zip(model.parameters(), g1):
-        torch.testing.assert_close(p.grad, g, **TOL, msg=lambda m: f"first pass: {m}")
+        assert_close(p.grad, g, FP32, "first pass: gradient")
     # the perturbation is SAM's on the unscaled gradient
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in g1))
     for p, x, g in zip(model.parameters(), x0, g1):
-        torch.testing.assert_close(p.detach(), (x.double() + rho * g.double() / norm).float(), **TOL)
+        assert_close(p, x.double() + rho * g.double() / norm, FP32, "x + e")
 
     opt.zero_grad()
     g2 = plain_grads(model, b)  # at x + e
@@ -150,9 +133,9 @@ def test_gradients_are_unscaled_exactly_once_per_pass(flatten, user_unscales):
     opt.second_step(zero_grad=False, grad_scaler=scaler)
     scaler.update()
     for p, g in zip(model.parameters(), g2):
-        torch.testing.assert_close(p.grad, g, **TOL, msg=lambda m: f"second pass: {m}")
+        assert_close(p.grad, g, FP32, "second pass: gradient")
     for p, x, g in zip(model.parameters(), x0, g2):
-        torch.testing.assert_close(p.detach(), x - lr * g, **TOL, msg=lambda m: f"base step: {m}")
+        assert_close(p, x - lr * g, FP32, "base step")
     assert scaler.get_scale() == INIT_SCALE, "no overflow, yet the scale changed"
 
 
@@ -169,10 +152,9 @@ def test_infosam_ema_is_built_from_unscaled_gradients(flatten):
         scaled_step(model, opt, scaler, batch(k))
         plain_step(twin, twin_opt, batch(k))
         for p, q in zip(model.parameters(), twin.parameters()):
-            torch.testing.assert_close(opt.state[p]["grad_ema"], twin_opt.state[q]["grad_ema"], **TOL)
+            assert_close(opt.state[p]["grad_ema"], twin_opt.state[q]["grad_ema"], FP32, f"step {k}: grad_ema")
     assert len(set(scales)) == len(scales), scales
-    for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), **TOL)
+    assert_params_close(model, twin)
 
 
 # ---------------------------------------------------------------------------
@@ -188,8 +170,7 @@ def test_overflowed_step_changes_no_parameter_and_no_state_and_lowers_the_scale(
     scaled_step(model, opt, scaler, batch(0))  # a good step: state to protect
     assert scaler.get_scale() == INIT_SCALE
     snap = snapshot(model, opt)
-    expected_keys = {"SAM+SGD": {"momentum_buffer"}, "InfoSAM+SGD": {"momentum_buffer", "grad_ema"},
-                     "InfoSAM+Adam": {"exp_avg", "exp_avg_sq", "step", "grad_ema"}}[variant]
+    expected_keys = TRAINING_STATE_KEYS[variant]
     assert all(expected_keys <= set(s) for s in snap[1].values()) and len(snap[1]) == 4
     skipped = int(opt.skipped_steps)
 
@@ -221,9 +202,9 @@ def test_training_after_an_overflowed_step_is_as_if_it_never_happened(at, overfl
             scaled_step(model, opt, scaler, batch(k))
             scaled_step(twin, twin_opt, twin_scaler, batch(k))
     for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), **TOL)
+        assert_close(p, q, FP32, "parameter")
         for key, value in twin_opt.state[q].items():
             if torch.is_tensor(value):
-                torch.testing.assert_close(opt.state[p][key], value, **TOL, msg=lambda m: f"{key}: {m}")
+                assert_close(opt.state[p][key], value, FP32, key)
             else:
                 assert opt.state[p][key] == value

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from presam_kernels.backends import eager
-from test_numerics import BF16, CL, FP32, SHAPES, VARIANTS, make_tensors, noisy_gradients, run_against_oracle
+from helpers import BF16, CL, FP32, SHAPES, VARIANTS, make_tensors, noisy_gradients, run_against_oracle
 
 SMALL_PIECE = 64
 # A channels_last tensor above SMALL_PIECE elements, cut in memory order.

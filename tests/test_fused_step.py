@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton  # every test here runs the Triton backend
 
 from presam_kernels import SAM, InfoSAM, base_update  # noqa: E402
 from presam_kernels.backends.triton import table as triton_table  # noqa: E402

@@ -26,7 +26,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from presam_kernels import ASAM, SAM, FisherSAM, InfoSAM, VaSSO, backends, extension_available
+from helpers import INTERPRETER, VARIANTS, assert_bits_equal
+from presam_kernels import SAM, InfoSAM, backends, extension_available
 from test_midstep import assert_same, snapshot
 
 # As tests/conftest.py decides (not imported: bench/ has a conftest module too).
@@ -35,7 +36,6 @@ BACKENDS = (
     + (["cpp"] if extension_available() else [])
     + (["triton"] if backends.triton_available() else [])
 )
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 # Examples per test: (eager, triton).
 EXAMPLES = (400, 40) if THOROUGH else (25, 5)
@@ -51,7 +51,7 @@ def fuzz_settings(examples):
     )
 
 
-VARIANTS = {"sam": SAM, "infosam": InfoSAM, "vasso": VaSSO, "asam": ASAM, "fisher": FisherSAM}
+CLASSES = {name: VARIANTS[name].cls for name in ("sam", "infosam", "vasso", "asam", "fisher")}
 LAYOUTS = ("plain", "scalar", "transposed", "strided", "channels_last")
 
 
@@ -77,7 +77,7 @@ model_spec = st.fixed_dictionaries(
         "tied": st.booleans(),  # the first tensor listed twice
         "two_groups": st.booleans(),  # the last tensor in a group of its own, rho 0 or 0.2
         "second_rho": st.sampled_from([0.0, 0.2]),
-        "variant": st.sampled_from(list(VARIANTS)),
+        "variant": st.sampled_from(list(CLASSES)),
         "base": st.sampled_from(["sgd", "adam"]),
         "flatten": st.booleans(),
         "perturb": st.sampled_from(["in_place", "out_of_place"]),
@@ -102,7 +102,7 @@ def build(spec, backend, lr=0.0):
         groups = [{"params": listed}]
     base = torch.optim.SGD if spec["base"] == "sgd" else torch.optim.Adam
     extra = {"momentum": 0.9} if spec["base"] == "sgd" else {}
-    opt = VARIANTS[spec["variant"]](groups, base, rho=0.1, lr=lr, flatten=spec["flatten"], backend=backend,
+    opt = CLASSES[spec["variant"]](groups, base, rho=0.1, lr=lr, flatten=spec["flatten"], backend=backend,
                                     perturb=spec["perturb"], **extra)
     return tensors, opt, gen
 
@@ -117,7 +117,7 @@ def set_grads(tensors, gen):
 
 def assert_at(tensors, xs, what):
     for k, (p, x) in enumerate(zip(tensors, xs)):
-        assert p.dtype == x.dtype and torch.equal(p.detach(), x), f"tensor {k} moved ({what}): {p} != {x}"
+        assert_bits_equal(p, x, f"tensor {k} moved ({what})")
 
 
 def run_sequence(spec, ops, backend):
@@ -247,7 +247,8 @@ def test_fp64_on_triton_restores_exactly():
         opt.first_step()
         set_grads([p], gen)
         opt.second_step()
-    assert spec and torch.equal(p.detach(), x)
+    assert spec
+    assert_bits_equal(p, x, "fp64 parameter after two steps at lr = 0")
 
 
 # -- save, load, continue --------------------------------------------------------
@@ -274,7 +275,7 @@ def check_resume(spec, before, after, backend):
     opt2.load_state_dict(sd)
     run_steps(resumed, opt2, range(before, before + after))
     for k, (p, q) in enumerate(zip(tensors, resumed)):
-        assert torch.equal(p.detach(), q.detach()), f"tensor {k}: resumed run differs by {(p - q).abs().max()}"
+        assert_bits_equal(p, q, f"tensor {k}: resumed run")
 
 
 @fuzz_settings(EXAMPLES[0])
@@ -323,7 +324,7 @@ def test_fuzz_bad_hyperparameters_are_refused_at_construction_touching_nothing(s
     if needs == "expanded":
         tensors.append(torch.zeros(1, 2).expand(3, 2).requires_grad_())
     set_grads([t for t in tensors if not t.is_complex()], gen)
-    cls = InfoSAM if needs == "infosam" else VARIANTS[spec["variant"]]
+    cls = InfoSAM if needs == "infosam" else CLASSES[spec["variant"]]
     group = {"params": tensors}
     if "group_rho" in kwargs:
         group["rho"] = kwargs.pop("group_rho")
@@ -333,4 +334,4 @@ def test_fuzz_bad_hyperparameters_are_refused_at_construction_touching_nothing(s
         cls([group], torch.optim.SGD, lr=0.1, flatten=spec["flatten"], backend=backend, **kwargs)
     for t, ptr, x in zip(tensors, ptrs, values):
         assert (t.data_ptr(), None if t.grad is None else t.grad.data_ptr()) == ptr
-        assert torch.equal(t.detach(), x)
+        assert_bits_equal(t, x, "a tensor after a refused construction")

@@ -7,189 +7,14 @@ second_step only restores: x is the same before every first_step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-
 import pytest
 import torch
 
-from oracle import F64, Oracle, Spec, assert_close_to, round_to
-from presam_kernels import ASAM, SAM, FisherSAM, InfoSAM, VaSSO
-
-RHO = 0.05
-
-
-# -- the variants and their oracle rows ---------------------------------------
-@dataclass(frozen=True)
-class Variant:
-    cls: type
-    spec: Spec
-    kwargs: dict = field(default_factory=dict)  # constructor keywords besides params, base, rho
-
-    @property
-    def has_ema(self) -> bool:
-        return self.spec.objective != "gradient"
-
-    @property
-    def steps(self) -> int:
-        """How many steps a test runs: several for the EMA variants, so that
-        the EMA path after the first step is covered."""
-        return 3 if self.has_ema else 2
-
-    def make(self, params, rho=RHO, *, flatten, backend):
-        return self.cls(params, torch.optim.SGD, rho=rho, lr=0.0, flatten=flatten, backend=backend, **self.kwargs)
-
-    def with_(self, **constants):
-        """The same variant with other constants (alpha, theta, delta, eta, eps_norm)."""
-        return Variant(self.cls, replace(self.spec, **constants), {**self.kwargs, **constants})
-
-
-VARIANTS = {
-    "sam": Variant(SAM, Spec()),
-    "sam_adaptive": Variant(SAM, Spec(constraint="adaptive"), {"adaptive": True}),
-    "asam": Variant(ASAM, Spec(constraint="asam", eta=0.01), {"eta": 0.01}),
-    "fisher": Variant(FisherSAM, Spec(constraint="fisher", eta=1.0), {"eta": 1.0}),
-    "vasso": Variant(VaSSO, Spec(objective="ema", theta=0.9), {"theta": 0.9}),
-    "infosam": Variant(InfoSAM, Spec(objective="info", alpha=0.9, delta=1e-12), {"alpha": 0.9, "delta": 1e-12}),
-    # infoSAM composed with the CP rows (eta defaults: 0.01 for ASAM, 1.0 for Fisher).
-    "infosam_asam": Variant(InfoSAM, Spec(objective="info", constraint="asam", eta=0.01), {"constraint": "asam"}),
-    "infosam_fisher": Variant(InfoSAM, Spec(objective="info", constraint="fisher", eta=1.0), {"constraint": "fisher"}),
-}
-EMA_VARIANTS = [name for name, v in VARIANTS.items() if v.has_ema]
-
-# (dtype, atol, rtol): fp32 against the float64 value; bf16/fp16 against the
-# float64 value rounded to the dtype, allowing one ulp of the dtype (math is
-# fp32 inside and rounds once more on the store).
-FP32 = (torch.float32, 1e-6, 1e-5)
-BF16 = (torch.bfloat16, 1e-6, 2.0**-7)
-FP16 = (torch.float16, 1e-6, 2.0**-10)
-TOLERANCES = {tol[0]: tol for tol in (FP32, BF16, FP16)}
-DTYPES = [pytest.param(FP32, id="fp32"), pytest.param(BF16, id="bf16"), pytest.param(FP16, id="fp16")]
-CL = torch.channels_last
-# Lists of (shape, memory_format): odd sizes, not multiples of any block.
-SHAPES = {
-    "size1": [((1,), None)],
-    "size7": [((7,), None)],
-    "size4097": [((4097,), None)],
-    "mixed": [((3, 5), None), ((7,), None), ((1,), None), ((4, 3, 3, 5), CL), ((4097,), None), ((2, 1, 3), None)],
-}
-INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-# -- helpers -------------------------------------------------------------------
-def make_tensors(shapes, dtype=torch.float32, device="cpu", scale=1.0, generator=None):
-    out = []
-    for shape, memory_format in shapes:
-        t = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
-        t = t.to(device=device, dtype=dtype)
-        if memory_format is not None:
-            t = t.contiguous(memory_format=memory_format)
-        out.append(t)
-    return out
-
-
-def like(xs, scale=1.0, generator=None):
-    """Random tensors shaped, strided and typed like ``xs``."""
-    out = []
-    for x in xs:
-        t = torch.empty_like(x)
-        t.copy_(torch.randn(x.shape, generator=generator, dtype=torch.float64) * scale)
-        out.append(t)
-    return out
-
-
-def noisy_gradients(xs, steps, noise=0.5, generator=None):
-    """A steady gradient plus fresh noise per step, as a list of per-step lists."""
-    base = like(xs, generator=generator)
-    # Sums of same-strided tensors keep the strides (channels_last stays so).
-    steps_out = []
-    for _ in range(steps):
-        steps_out.append([(b.to(F64) + n.to(F64)).to(b.dtype) for b, n in zip(base, like(xs, noise, generator))])
-    return steps_out
-
-
-def new_params(xs):
-    return [torch.nn.Parameter(x.clone()) for x in xs]
-
-
-def set_grad(p, g):
-    """The first backward's gradient, by hand (None = no gradient). With
-    flatten=True the gradient is a view into the flat buffer: copy into it."""
-    if g is None:
-        p.grad = None
-    elif p.grad is not None:
-        p.grad.copy_(g)
-    else:
-        p.grad = g.clone()
-
-
-def bits(t):
-    return t.detach().view(INT_VIEW[t.dtype])
-
-
-def assert_bits_equal(actual, expected, what=""):
-    a, e = bits(actual), bits(expected)
-    if not torch.equal(a, e):
-        diff = (a != e).reshape(-1)
-        k = int(diff.nonzero()[0])
-        raise AssertionError(
-            f"{what}: {int(diff.sum())} of {a.numel()} elements differ bitwise; first at flat index {k}: "
-            f"actual {float(actual.reshape(-1)[k])!r}, expected {float(expected.reshape(-1)[k])!r}"
-        )
-
-
-def assert_matches(p, expected64, tol, what):
-    """p (in its dtype) against the oracle's float64 value."""
-    dtype, atol, rtol = tol
-    expected = expected64 if dtype == torch.float32 else round_to(expected64, dtype)
-    assert_close_to(p, expected, atol, rtol, what)
-
-
-def assert_ema_matches(opt, params, oracle, gs, what):
-    """grad_ema (fp32, shaped like its parameter) against the oracle's m, to
-    fp32 rounding; then the oracle goes on from the package's m.
-
-    The oracle checks one step at a time: infoSAM's belief (m - g)^2 turns a
-    one-ulp difference in m into a large one in u where m is close to g, so
-    each step starts both from the same (already checked) m."""
-    scale = max(float(g.detach().abs().max()) for g in gs if g is not None)
-    for i, p in enumerate(params):
-        m = opt.state[p]["grad_ema"]
-        assert m.dtype == torch.float32 and m.shape == p.shape, f"{what}: grad_ema {i} is {m.dtype} {tuple(m.shape)}"
-        if oracle.m[i] is not None:
-            assert_close_to(m, oracle.m[i], 1e-6 * scale, 1e-6, f"{what}: grad_ema of param {i}")
-            oracle.m[i] = m.detach().to(F64)
-
-
-def group_list(params, group_of, group_rhos):
-    """Param groups from per-parameter group indices; rho per parameter."""
-    groups = [{"params": [p for p, k in zip(params, group_of) if k == j], "rho": r} for j, r in enumerate(group_rhos)]
-    return groups, [group_rhos[k] for k in group_of]
-
-
-def run_against_oracle(variant, xs, grad_steps, tol, *, flatten, backend, group_of=None, group_rhos=None, rho=RHO):
-    """Every step: first_step must give the oracle's x + e (and m), second_step
-    must give x back bit for bit. Returns the optimizer and the oracle."""
-    params = new_params(xs)
-    if group_of is None:
-        opt = variant.make(params, rho, flatten=flatten, backend=backend)
-        rhos = [rho] * len(params)
-    else:
-        groups, rhos = group_list(params, group_of, group_rhos)
-        opt = variant.make(groups, flatten=flatten, backend=backend)
-    oracle = Oracle(variant.spec, len(params))
-    for t, gs in enumerate(grad_steps):
-        for p, g in zip(params, gs):
-            set_grad(p, g)
-        expected = oracle.step(xs, gs, rhos)
-        opt.first_step()
-        for i, (p, x_adv) in enumerate(zip(params, expected)):
-            assert_matches(p, x_adv, tol, f"step {t}: x + e of param {i} {tuple(p.shape)}")
-        if variant.has_ema:
-            assert_ema_matches(opt, params, oracle, gs, f"step {t}")
-        opt.second_step()
-        for i, (p, x) in enumerate(zip(params, xs)):
-            assert_bits_equal(p, x, f"step {t}: restore of param {i}")
-    return opt, oracle
+from helpers import (
+    BF16, CL, DTYPES, EMA_VARIANTS, FP32, RHO, SHAPES, TOLERANCES, VARIANTS, assert_bits_equal, assert_close,
+    assert_ema_matches, bits, group_list, like, make_tensors, new_params, noisy_gradients, run_against_oracle, set_grad,
+)
+from oracle import F64, Oracle, Spec
 
 
 # -- x + e against the oracle ------------------------------------------------------
@@ -199,14 +24,14 @@ def run_against_oracle(variant, xs, grad_steps, tol, *, flatten, backend, group_
 def test_perturbed_point_matches_float64_oracle(name, shapes, tol, flatten, backend, device, core_case):
     core_case(shapes == SHAPES["mixed"] and (tol is FP32 or (name, tol) == ("infosam", BF16)))
     variant = VARIANTS[name]
-    xs = make_tensors(shapes, tol[0], device)
+    xs = make_tensors(shapes, tol[0], device, backend=backend)
     run_against_oracle(variant, xs, noisy_gradients(xs, variant.steps), tol, flatten=flatten, backend=backend)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_norm_is_global_across_param_groups_with_different_rho(name, flatten, backend, device, core_case):
     core_case(name == "infosam")
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     group_of = [0, 1, 2, 1, 0, 2]
     group_rhos = [0.05, 0.5, 0.01]
     variant = VARIANTS[name]
@@ -233,14 +58,14 @@ def test_norm_is_global_across_dtype_buckets(name, flatten, backend, device, cor
         expected = oracle.step(xs, gs, [RHO] * len(xs))
         opt.first_step()
         for i, (p, x_adv) in enumerate(zip(params, expected)):
-            assert_matches(p, x_adv, TOLERANCES[p.dtype], f"step {t}: param {i} ({p.dtype})")
+            assert_close(p, x_adv, TOLERANCES[p.dtype], f"step {t}: param {i} ({p.dtype})")
         opt.second_step()
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_group_with_rho_zero_is_bitwise_unchanged_but_counts_in_norm(name, flatten, backend, device, core_case):
     core_case(name == "infosam")
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     group_of = [0, 1, 0, 0, 1, 1]  # the 4097-element tensor is in the rho = 0 group
     group_rhos = [0.1, 0.0]
     variant = VARIANTS[name]
@@ -269,7 +94,7 @@ def test_group_with_rho_zero_is_bitwise_unchanged_but_counts_in_norm(name, flatt
             if group_of[i] == 1:
                 assert_bits_equal(p, x, f"step {t}: param {i} in the rho = 0 group")
             else:
-                assert_matches(p, x_adv, FP32, f"step {t}: param {i}")
+                assert_close(p, x_adv, FP32, f"step {t}: param {i}")
         if variant.has_ema:
             assert_ema_matches(opt, params, oracle, gs, f"step {t}")
         opt.second_step()
@@ -282,7 +107,7 @@ def test_parameter_without_gradient_is_neither_perturbed_nor_its_ema_touched(nam
     """Step 2 gives parameter 3 (a channels_last conv weight) no gradient: it
     is not written, its grad_ema keeps its bits, and it is left out of the norm."""
     core_case(name == "infosam")
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     variant = VARIANTS[name]
     grads = noisy_gradients(xs, 3)
     missing = 3
@@ -300,7 +125,7 @@ def test_parameter_without_gradient_is_neither_perturbed_nor_its_ema_touched(nam
             if gs[i] is None:
                 assert_bits_equal(p, xs[i], f"step {t}: param {i} without gradient")
             else:
-                assert_matches(p, x_adv, FP32, f"step {t}: param {i}")
+                assert_close(p, x_adv, FP32, f"step {t}: param {i}")
         if ema_before is not None:
             if gs[missing] is None:
                 m = opt.state[params[missing]]["grad_ema"]
@@ -319,7 +144,7 @@ def test_restore_is_bit_exact(name, tol, flatten, backend, device, core_case):
     got no gradient in the second backward (x - e would be off by an ulp)."""
     core_case(name == "infosam" and tol[0] == torch.bfloat16)
     dtype = tol[0]
-    xs = make_tensors(SHAPES["mixed"], dtype, device)
+    xs = make_tensors(SHAPES["mixed"], dtype, device, backend=backend)
     variant = VARIANTS[name]
     params = new_params(xs)
     opt = variant.make(params, rho=2.0, flatten=flatten, backend=backend)
@@ -340,7 +165,7 @@ def test_restore_is_bit_exact(name, tol, flatten, backend, device, core_case):
 @pytest.mark.parametrize("tol", DTYPES)
 def test_restore_method_puts_parameters_back_bit_exact(tol, flatten, backend, device, core_case):
     core_case(tol[0] == torch.float32)
-    xs = make_tensors(SHAPES["mixed"], tol[0], device)
+    xs = make_tensors(SHAPES["mixed"], tol[0], device, backend=backend)
     params = new_params(xs)
     opt = VARIANTS["infosam"].make(params, rho=0.5, flatten=flatten, backend=backend)
     for p, g in zip(params, like(xs)):
@@ -355,7 +180,7 @@ def test_restore_method_puts_parameters_back_bit_exact(tol, flatten, backend, de
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_perturbation_norm_and_params_are_identical_run_to_run(name, flatten, backend, device, core_case):
     core_case(name == "infosam")
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     variant = VARIANTS[name]
     grads = noisy_gradients(xs, variant.steps)
     runs = []
@@ -391,7 +216,7 @@ def test_eps_norm_is_added_after_the_square_root(name, flatten, backend, device,
     opt = variant.make(params, rho=1.0, flatten=flatten, backend=backend)
     set_grad(params[0], g)
     opt.first_step()
-    assert_close_to(params[0], Oracle(variant.spec, 1).step([x], [g], [1.0])[0], 1e-9, 1e-5, "x + e")
+    assert_close(params[0], Oracle(variant.spec, 1).step([x], [g], [1.0])[0], (torch.float32, 1e-9, 1e-5), "x + e")
     assert abs(float(params[0].detach().double().norm()) - 0.5) < 1e-5
 
 
@@ -425,7 +250,7 @@ def test_infosam_eps_norm_matches_oracle_after_first_step(flatten, backend, devi
 @pytest.mark.parametrize("delta", [1e-12, 1e-3, 1.0])
 def test_infosam_matches_oracle_for_alpha_and_delta(alpha, delta, flatten, backend, device, core_case):
     core_case((alpha, delta) == (0.99, 1e-12))
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     variant = VARIANTS["infosam"].with_(alpha=alpha, delta=delta)
     run_against_oracle(variant, xs, noisy_gradients(xs, 4), FP32, flatten=flatten, backend=backend)
 
@@ -433,7 +258,7 @@ def test_infosam_matches_oracle_for_alpha_and_delta(alpha, delta, flatten, backe
 def test_infosam_alpha_zero_keeps_ema_equal_to_gradient(flatten, backend, device, core_case):
     """alpha = 0: m = g, belief = 0, u = g / delta: the SAM direction, finite."""
     core_case(False)
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     variant = VARIANTS["infosam"].with_(alpha=0.0)
     grads = noisy_gradients(xs, 3)
     opt, _ = run_against_oracle(variant, xs, grads, FP32, flatten=flatten, backend=backend)
@@ -444,7 +269,7 @@ def test_infosam_alpha_zero_keeps_ema_equal_to_gradient(flatten, backend, device
 @pytest.mark.parametrize("theta", [0.1, 0.5, 1.0])
 def test_vasso_matches_oracle_for_theta(theta, flatten, backend, device, core_case):
     core_case(False)
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     variant = VARIANTS["vasso"].with_(theta=theta)
     run_against_oracle(variant, xs, noisy_gradients(xs, 3), FP32, flatten=flatten, backend=backend)
 
@@ -453,7 +278,7 @@ def test_vasso_matches_oracle_for_theta(theta, flatten, backend, device, core_ca
 @pytest.mark.parametrize("name", ["asam", "fisher"])
 def test_constraint_matches_oracle_for_eta(name, eta, flatten, backend, device, core_case):
     core_case((name, eta) == ("asam", 1.0))
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     xs[0].zero_()  # a weight at zero: c = eta there
     variant = VARIANTS[name].with_(eta=eta)
     run_against_oracle(variant, xs, noisy_gradients(xs, 2, noise=2.0), FP32, flatten=flatten, backend=backend)
@@ -484,7 +309,7 @@ def test_asam_weights_are_named_weight_when_names_are_given(flatten, backend, de
         expected = oracle.step(xs, gs, [0.5] * len(xs), is_weight)
         opt.first_step()
         for i, (p, x_adv) in enumerate(zip(params, expected)):
-            assert_matches(p, x_adv, FP32, f"step {t}: {named[i][0]}")
+            assert_close(p, x_adv, FP32, f"step {t}: {named[i][0]}")
         opt.second_step()
 
 
@@ -501,14 +326,14 @@ def test_sam_adaptive_scales_biases_by_abs_x_without_eta(flatten, backend, devic
     opt.first_step()
     assert_bits_equal(params[1], xs[1], "bias at zero")
     for i, (p, x_adv) in enumerate(zip(params, expected)):
-        assert_matches(p, x_adv, FP32, f"param {i}")
+        assert_close(p, x_adv, FP32, f"param {i}")
 
 
 # -- infoSAM ---------------------------------------------------------------------
 @pytest.mark.parametrize("tol", DTYPES)
 def test_infosam_first_step_equals_sam_exactly(tol, flatten, backend, device, core_case):
     core_case(tol[0] == torch.float32)
-    xs = make_tensors(SHAPES["mixed"], tol[0], device)
+    xs = make_tensors(SHAPES["mixed"], tol[0], device, backend=backend)
     gs = like(xs)
     results = []
     for name in ["sam", "infosam"]:
@@ -523,7 +348,7 @@ def test_infosam_first_step_equals_sam_exactly(tol, flatten, backend, device, co
     expected = Oracle(VARIANTS["sam"].spec, len(xs)).step(xs, gs, [0.3] * len(xs))
     for i, (a, b, x_adv) in enumerate(zip(sam, info, expected)):
         assert_bits_equal(b, a, f"infoSAM vs SAM, param {i}")
-        assert_matches(b, x_adv, tol, f"infoSAM first step, param {i}")
+        assert_close(b, x_adv, tol, f"infoSAM first step, param {i}")
 
 
 def test_infosam_constant_gradient_gives_finite_sam_direction(flatten, backend, device, core_case):
@@ -531,7 +356,7 @@ def test_infosam_constant_gradient_gives_finite_sam_direction(flatten, backend, 
     finite thanks to delta, which is SAM's direction; a parameter whose
     gradient is zero every step gets no perturbation (0 / delta, not 0 / 0)."""
     core_case(True)
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     gs = like(xs)
     gs[2] = torch.zeros_like(xs[2])
     sam_point = Oracle(Spec(), len(xs)).step(xs, gs, [RHO] * len(xs))
@@ -543,7 +368,7 @@ def test_infosam_constant_gradient_gives_finite_sam_direction(flatten, backend, 
         opt.first_step()
         assert bool(torch.isfinite(opt.last_perturbation_norm)), f"step {t}: norm {opt.last_perturbation_norm}"
         for i, (p, x_adv) in enumerate(zip(params, sam_point)):
-            assert_matches(p, x_adv, FP32, f"step {t}: param {i} along SAM's direction")
+            assert_close(p, x_adv, FP32, f"step {t}: param {i} along SAM's direction")
         opt.second_step()
 
 
@@ -568,7 +393,7 @@ def test_infosam_tiny_ema_differences_match_oracle(flatten, backend, device, cor
     """A gradient that is constant up to 1e-6 relative noise: belief ~ 1e-12,
     as small as delta, formed from m - g without cancellation."""
     core_case(False)
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     base = like(xs)
     grads = []
     for _ in range(4):
@@ -582,7 +407,7 @@ def test_infosam_noisy_gradients_of_extreme_size_match_oracle(scale, flatten, ba
     1e-22 (1e-24), whose square underflows fp32; the norm must not lose it.
     Size 1e-20: belief far below delta."""
     core_case(scale == 1e10)
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     grads = [like(xs, scale) for _ in range(4)]
     run_against_oracle(VARIANTS["infosam"], xs, grads, FP32, flatten=flatten, backend=backend)
 
@@ -592,7 +417,7 @@ def test_step_after_skipped_first_step_is_plain_sam(name, flatten, backend, devi
     """A first step with non-finite gradients does not count: the next one is
     plain SAM and sets m = g."""
     core_case(name == "infosam")
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     bad = like(xs)
     bad[4][100] = float("inf")
     gs = like(xs)
@@ -610,9 +435,9 @@ def test_step_after_skipped_first_step_is_plain_sam(name, flatten, backend, devi
     expected = oracle.step(xs, gs, [RHO] * len(xs))
     opt.first_step()
     for i, (p, x_adv) in enumerate(zip(params, expected)):
-        assert_matches(p, x_adv, FP32, f"param {i}")
+        assert_close(p, x_adv, FP32, f"param {i}")
     for i, (p, g) in enumerate(zip(params, gs)):
-        assert_close_to(opt.state[p]["grad_ema"], g, 0.0, 1e-7, f"grad_ema of param {i}")
+        assert_close(opt.state[p]["grad_ema"], g, (torch.float32, 0.0, 1e-7), f"grad_ema of param {i}")
 
 
 # -- non-finite gradients ------------------------------------------------------------
@@ -623,10 +448,10 @@ def test_non_finite_gradient_perturbs_nothing_and_keeps_ema(name, bad_value, fla
     EMA keeps its bits, skipped_steps (a tensor) counts it, and step 3 goes on
     from the EMA of step 1."""
     core_case((name, repr(bad_value)) in (("sam", "inf"), ("infosam", "nan")))
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     variant = VARIANTS[name]
     grads = noisy_gradients(xs, 3)
-    grads[1][4][4000] = bad_value
+    grads[1][4][-97] = bad_value  # a whole chunk past the first, not the tail (element 4000, or 928 interpreted)
     params = new_params(xs)
     opt = variant.make(params, flatten=flatten, backend=backend)
     oracle = Oracle(variant.spec, len(xs))
@@ -647,7 +472,7 @@ def test_non_finite_gradient_perturbs_nothing_and_keeps_ema(name, bad_value, fla
             expected = oracle.step(xs, gs, [RHO] * len(xs))
             assert int(opt.skipped_steps) == (t > 1)
             for i, (p, x_adv) in enumerate(zip(params, expected)):
-                assert_matches(p, x_adv, FP32, f"step {t}: param {i}")
+                assert_close(p, x_adv, FP32, f"step {t}: param {i}")
             if variant.has_ema:
                 assert_ema_matches(opt, params, oracle, gs, f"step {t}")
         for p, g in zip(params, like(xs)):  # the second backward's gradients are finite
@@ -662,7 +487,7 @@ def test_non_finite_gradient_perturbs_nothing_and_keeps_ema(name, bad_value, fla
 def test_flatten_adopts_a_replaced_gradient(name, backend, device, core_case):
     """flatten=True: a gradient assigned as a new tensor is copied back in, not dropped."""
     core_case(name == "infosam")
-    xs = make_tensors(SHAPES["mixed"], device=device)
+    xs = make_tensors(SHAPES["mixed"], device=device, backend=backend)
     variant = VARIANTS[name]
     params = new_params(xs)
     opt = variant.make(params, flatten=True, backend=backend)
@@ -673,7 +498,7 @@ def test_flatten_adopts_a_replaced_gradient(name, backend, device, core_case):
         expected = oracle.step(xs, gs, [RHO] * len(xs))
         opt.first_step()
         for i, (p, x_adv) in enumerate(zip(params, expected)):
-            assert_matches(p, x_adv, FP32, f"step {t}: param {i}")
+            assert_close(p, x_adv, FP32, f"step {t}: param {i}")
         if variant.has_ema:
             assert_ema_matches(opt, params, oracle, gs, f"step {t}")
         opt.second_step()

@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from helpers import MODES, assert_bits_equal  # noqa: E402
 from presam_kernels import ASAM, SAM, FisherSAM, InfoSAM, PreSAM, VaSSO  # noqa: E402
 from presam_kernels.optim import presam as presam_module  # noqa: E402
 
@@ -29,7 +30,6 @@ except ImportError:  # no triton
     TRITON = False
 DEVICE = torch.device("cuda") if TRITON and not triton_table.interpreting() else torch.device("cpu")
 BACKENDS = ["eager"] + (["triton"] if TRITON else [])
-MODES = pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
 
 VARIANTS = {
     "sam": lambda p, **kw: SAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw),
@@ -93,12 +93,12 @@ def test_out_of_place_equals_in_place_bit_for_bit(variant, backend, flatten, cor
     a, opt_a, grads_a = run(variant, backend, flatten, "in_place")
     b, opt_b, grads_b = run(variant, backend, flatten, "out_of_place")
     for k, (p, q) in enumerate(zip(a.parameters(), b.parameters())):
-        assert torch.equal(p, q), f"param {k}"
+        assert_bits_equal(p, q, f"param {k}")
         for key, value in opt_a.state[p].items():
-            assert torch.equal(value, opt_b.state[q][key]), f"param {k} state {key}"
-    for ga, gb in zip(grads_a, grads_b):  # the second pass ran at the same x + e
-        for g, h in zip(ga, gb):
-            assert torch.equal(g, h)
+            assert_bits_equal(value, opt_b.state[q][key], f"param {k} state {key}")
+    for t, (ga, gb) in enumerate(zip(grads_a, grads_b)):  # the second pass ran at the same x + e
+        for k, (g, h) in enumerate(zip(ga, gb)):
+            assert_bits_equal(g, h, f"step {t}: second-pass gradient of param {k}")
     assert opt_a.last_step_fused == opt_b.last_step_fused == (backend == "triton")
 
 
@@ -161,7 +161,7 @@ def test_skipped_step_points_at_an_exact_copy(backend, flatten):
     opt.first_step(zero_grad=True)
     assert int(opt.skipped_steps) == 1
     for p, x0 in zip(params, x):
-        assert torch.equal(p.detach().view(torch.int32), x0.view(torch.int32))
+        assert_bits_equal(p, x0, "x after a skipped step")
     opt.restore()
 
 

@@ -2,30 +2,20 @@
 and param groups, checked against the float64 oracle.
 
 The tensors come from a drawn seed, so a failing example replays exactly.
-The interpreted Triton backend is skipped here (a second per step); on a GPU
-every backend runs.
+`make test` leaves the interpreted Triton backend out here (a second per
+step) and `make test-all-cases` runs it; on a GPU every backend runs.
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oracle import F64, Oracle
-from test_numerics import (
-    BF16,
-    FP16,
-    FP32,
-    VARIANTS,
-    assert_bits_equal,
-    assert_matches,
-    new_params,
-    run_against_oracle,
-    set_grad,
+from helpers import (
+    BF16, FP16, FP32, VARIANTS, assert_bits_equal, assert_close, interpreted, new_params, run_against_oracle, set_grad,
 )
+from oracle import F64, Oracle
 
 PROPERTY_SETTINGS = settings(
     max_examples=25,
@@ -42,7 +32,6 @@ seeds = st.integers(0, 2**31 - 1)
 # ||C e|| = rho holds for any c; these variants' c does not depend on x, so x = 0 and p = e exactly.
 X_FREE_VARIANTS = ["sam", "fisher", "vasso", "infosam", "infosam_fisher"]
 # On top of rounding e to the dtype, which moves ||e|| by at most half an ulp relative.
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 NORM_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
 
 
@@ -84,10 +73,12 @@ def test_perturbation_has_norm_rho_in_the_constraint_metric(
             total += float(((e / c) ** 2).sum())
         norm = total**0.5
         rtol = NORM_RTOL[dtype]
-        if backend == "triton" and INTERPRETER and dtype != torch.float32:
-            # The interpreter truncates fp32 -> 16-bit stores (a GPU rounds to
-            # nearest: docs/design.md §4), which shortens every element of e by up
-            # to one ulp in the same direction: the norm may be up to 2 ulp low.
+        if interpreted(backend) and dtype == torch.bfloat16:
+            # Triton's interpreter (3.6 and 3.9) truncates fp32 -> bf16 stores (a GPU rounds
+            # to nearest; fp16 stores do round to nearest there): storing 4096
+            # randn values through a kernel, 2047 bf16 results sat one ulp nearer
+            # zero than torch's rounding, none for fp16. Every element of e then
+            # shrinks by up to one ulp (2^-7 relative), not half, all the same way.
             rtol = 2 * rtol
         assert norm == pytest.approx(rho, rel=rtol), f"step {t}: ||C e|| = {norm!r}, rho = {rho!r}"
         opt.second_step()
@@ -170,4 +161,4 @@ def test_infosam_first_step_is_sam_bit_for_bit(shapes, tol, rho, flat, seed, bac
     expected = Oracle(VARIANTS["sam"].spec, len(xs)).step(xs, gs, [rho] * len(xs))
     for i, (sam, info, x_adv) in enumerate(zip(*results, expected)):
         assert_bits_equal(info, sam, f"infoSAM vs SAM, param {i}")
-        assert_matches(info, x_adv, tol, f"param {i}")
+        assert_close(info, x_adv, tol, f"param {i}")

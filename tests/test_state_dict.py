@@ -11,27 +11,14 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from helpers import MODES, TRAINING_STATE_KEYS, TRAINING_VARIANTS, assert_params_close, loss_of, make_model
+from helpers import batch as batch_of
 from presam_kernels import SAM, InfoSAM
-
-MODES = pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
-TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
 def batch(k: int, n: int = 16):
-    gen = torch.Generator().manual_seed(4000 + k)
-    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
-
-
-def loss_of(model, b):
-    return F.cross_entropy(model(b[0]), b[1])
+    return batch_of(k, n, first_seed=4000)
 
 
 def two_step(model, opt, b):
@@ -41,16 +28,7 @@ def two_step(model, opt, b):
     opt.second_step(zero_grad=True)
 
 
-VARIANTS = {
-    "SAM+SGD": (lambda params, flatten: SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
-                                            flatten=flatten), {"momentum_buffer"}),
-    "InfoSAM+SGD": (lambda params, flatten: InfoSAM(params, torch.optim.SGD, rho=0.05, alpha=0.9, delta=1e-3,
-                                                    lr=0.1, momentum=0.9, flatten=flatten),
-                    {"momentum_buffer", "grad_ema"}),
-    "InfoSAM+Adam": (lambda params, flatten: InfoSAM(params, torch.optim.Adam, rho=0.05, alpha=0.9, delta=1e-3,
-                                                     lr=0.01, flatten=flatten),
-                     {"exp_avg", "exp_avg_sq", "step", "grad_ema"}),
-}
+VARIANTS = TRAINING_VARIANTS
 WITH_EMA = [v for v in VARIANTS if v.startswith("InfoSAM")]
 
 
@@ -71,7 +49,7 @@ def owns_its_storage(t: torch.Tensor) -> bool:
 @MODES
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_state_dict_holds_base_entries_and_ours_side_by_side_per_parameter(variant, flatten):
-    build, keys = VARIANTS[variant]
+    build, keys = VARIANTS[variant], TRAINING_STATE_KEYS[variant]
     model = make_model()
     opt = build(model.parameters(), flatten)
     for k in range(2):
@@ -99,7 +77,7 @@ def test_state_dict_holds_base_entries_and_ours_side_by_side_per_parameter(varia
 @MODES
 @pytest.mark.parametrize("variant", WITH_EMA)
 def test_saved_grad_ema_is_a_copy_not_the_live_buffer(variant, flatten):
-    build, _ = VARIANTS[variant]
+    build = VARIANTS[variant]
     model = make_model()
     opt = build(model.parameters(), flatten)
     two_step(model, opt, batch(0))
@@ -114,7 +92,7 @@ def test_saved_grad_ema_is_a_copy_not_the_live_buffer(variant, flatten):
 @MODES
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_state_dict_leaves_the_live_state_untouched(variant, flatten):
-    build, _ = VARIANTS[variant]
+    build = VARIANTS[variant]
     model, twin_model = make_model(), make_model()
     opt, twin = build(model.parameters(), flatten), build(twin_model.parameters(), flatten)
     two_step(model, opt, batch(0))
@@ -139,7 +117,7 @@ def test_state_dict_leaves_the_live_state_untouched(variant, flatten):
 @MODES
 @pytest.mark.parametrize("variant", WITH_EMA)
 def test_load_state_dict_copies_into_the_live_grad_ema_buffers(variant, flatten):
-    build, _ = VARIANTS[variant]
+    build = VARIANTS[variant]
     src_model = make_model()
     src = build(src_model.parameters(), flatten)
     for k in range(2):
@@ -173,7 +151,7 @@ def test_load_state_dict_copies_into_the_live_grad_ema_buffers(variant, flatten)
 @MODES
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_resume_from_state_dict_is_bit_identical_to_an_uninterrupted_run(variant, flatten):
-    build, _ = VARIANTS[variant]
+    build = VARIANTS[variant]
     steps, cut = 5, 2
 
     model = make_model()
@@ -215,7 +193,7 @@ def test_a_copy_of_model_and_optimizer_continues_like_the_original(variant, flat
     """copy.deepcopy / pickle of (model, optimizer) mid-training: the copy
     steps on, bit for bit like the original, and leaves the original alone
     (flat buffers and parameter views stay shared within the copy)."""
-    build, _ = VARIANTS[variant]
+    build = VARIANTS[variant]
     model = make_model()
     opt = build(model.parameters(), flatten)
     for k in range(2):
@@ -319,8 +297,7 @@ def test_state_dict_of_the_common_sam_wrapper_loads(flatten):
     for k in range(2, 4):
         two_step(model, opt, batch(k))
         two_step(theirs_model, theirs, batch(k))
-    for (name, p), q in zip(model.named_parameters(), theirs_model.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), **TOL, msg=lambda m: f"{name}: {m}")
+    assert_params_close(model, theirs_model)
     # and ours saves and reloads after that, without their transient entries
     again = SAM(make_model(seed=9).parameters(), torch.optim.SGD, rho=0.05, lr=0.2, flatten=flatten)
     again.load_state_dict(through_disk(opt.state_dict()))
@@ -364,7 +341,7 @@ BAD_ENTRIES = {
 def test_load_state_dict_refuses_a_bad_entry_before_loading_anything(bad, flatten):
     """A grad_ema (or base state) that does not fit its parameter: a ValueError
     naming it, with the live optimizer (base state included) as it was."""
-    build, _ = VARIANTS["InfoSAM+SGD"]
+    build = VARIANTS["InfoSAM+SGD"]
     src_model, model = make_model(), make_model(seed=1)
     src = build(src_model.parameters(), flatten)
     opt = build(model.parameters(), flatten)
@@ -385,7 +362,7 @@ def test_load_state_dict_refuses_a_bad_entry_before_loading_anything(bad, flatte
 def test_a_checkpoint_without_ema_resets_the_ema_and_its_ready_flag(flatten):
     """InfoSAM loading a checkpoint that has no grad_ema (saved by SAM, say):
     the next step is a first step (plain SAM), as in a fresh InfoSAM."""
-    build, _ = VARIANTS["InfoSAM+SGD"]
+    build = VARIANTS["InfoSAM+SGD"]
     model, fresh_model = make_model(), make_model()
     opt = build(model.parameters(), flatten)
     for k in range(3):
