@@ -26,8 +26,10 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST) tests bench --benchmark-disable
 
 # The interpreted Triton cases `make test` leaves out as not core (tests/conftest.py,
-# PRESAM_ALL_CASES), at interpreter sizes (tests/helpers.py). Before those sizes and
-# xdist: 36 min on a loaded machine, 653 s of CPU (one process).
+# PRESAM_ALL_CASES), at interpreter sizes (tests/helpers.py): 433 cases, 650 s of
+# CPU (measured: 42 min wall with two workers on 2 cores at load 12, i.e. shared
+# with other jobs; about 6 min on 2 idle cores). Per-launch interpreter overhead,
+# not tensor size, is most of it (test_properties' drawn examples: a third).
 # Run by .ci/run right after `make test`.
 test-all-cases: $(STAMP)
 	PRESAM_ALL_CASES=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST) tests
