@@ -52,7 +52,9 @@ $(T39)/.installed: $(STAMP)
 	touch $@
 
 # Every test that runs the Triton kernels (-m triton), core and non-core cases
-# (PRESAM_EVERY_CASE), then the codegen sweep.
+# (PRESAM_EVERY_CASE), then the codegen sweep. The first line: 756 tests (11 GPU-only
+# skipped), 845 s of CPU (measured: 46 min wall, two workers at load 12; about
+# 7-8 min on 2 idle cores).
 test-triton-next: $(T39)/.installed
 	PRESAM_EVERY_CASE=1 OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q $(XDIST) -m triton tests
 	PRESAM_ALL_CASES=1 OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q tests/test_codegen.py
