@@ -218,7 +218,7 @@ def test_an_infosam_pickled_before_ema_ready_unpickles_and_continues_bit_for_bit
     """An optimizer pickled before the EMA's ready flag became one EmaReady
     object held the flags as a {device: flag} dict beside _host_ema_started:
     it unpickles into the same flags and steps on like the original."""
-    build, _ = VARIANTS[WITH_EMA[0]]
+    build = VARIANTS[WITH_EMA[0]]
     model = make_model()
     opt = build(model.parameters(), flatten)
     for k in range(2):
