@@ -28,10 +28,10 @@ constexpr int64_t kLanes = Vec::size();
 // norm's partial sums (one per chunk) are the same bits on every thread count.
 constexpr int64_t kChunk = 16384;
 
-// The objective with the host's first-step flag folded in (the Triton
-// kernels' OBJECTIVE x FIRST_STEP): u = g, m untouched | u = g, m <- g |
+// The objective with the host's EMA-ready flag folded in (the Triton
+// kernels' OBJECTIVE x EMA_READY): u = g, m untouched | u = g, m <- g (EMA not ready) |
 // VaSSO's EMA | infoSAM.
-enum Direction : int64_t { kGradient = 0, kFirstStep = 1, kEma = 2, kInfo = 3 };
+enum Direction : int64_t { kGradient = 0, kEmaCold = 1, kEma = 2, kInfo = 3 };
 enum Constraint : int64_t { kNone = 0, kAdaptive = 1, kAsam = 2, kFisher = 3 };
 enum Kind : int64_t { kSgd = 0, kAdam = 1 };
 constexpr int64_t kFlagWeight = 1;     // the ASAM constraint applies
@@ -112,7 +112,7 @@ inline void copy_raw(T* dst, const T* src, int64_t n) {
 template <int64_t D, int64_t C>
 inline Vec precondition(Vec g, Vec x, Vec m, bool is_weight, const Spec& s, Vec& c, Vec& m_new) {
   Vec u;
-  if constexpr (D == kGradient || D == kFirstStep) {
+  if constexpr (D == kGradient || D == kEmaCold) {
     u = g;
     m_new = g;
   } else if constexpr (D == kEma) {

@@ -63,8 +63,8 @@ void dispatch_variant(int64_t direction, int64_t constraint, const F& f) {
     }
   };
   switch (direction) {
-    case kFirstStep:
-      return with_constraint(Const<kFirstStep>{});
+    case kEmaCold:
+      return with_constraint(Const<kEmaCold>{});
     case kEma:
       return with_constraint(Const<kEma>{});
     case kInfo:

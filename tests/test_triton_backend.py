@@ -182,7 +182,7 @@ def test_perturb_matches_eager_ema_flag(variant, ema_ready):
     check_against_eager(MIXED, torch.float32, False, SPECS[variant], ema_ready=flag[ema_ready])
 
 
-def test_first_step_flag_as_tensor_equals_host_first_step():
+def test_ema_ready_flag_as_a_device_tensor_equals_the_host_flag():
     a = run_perturb(triton_backend, MIXED, torch.float32, True, SPECS["infosam"], ema_ready=False)
     b = run_perturb(triton_backend, MIXED, torch.float32, True, SPECS["infosam"], ema_ready=torch.zeros((), device=DEVICE))
     assert_close(b["norm"], a["norm"], 0.0, 0.0, "norm")

@@ -24,8 +24,8 @@ from .protocol import Perturbation
 
 name = "cpp"
 
-# Codes of csrc/kernels.h (Direction folds "the EMA is not ready yet" into the objective: FIRST_STEP).
-GRADIENT, FIRST_STEP, EMA, INFO = 0, 1, 2, 3
+# Codes of csrc/kernels.h (Direction folds "the EMA is not ready yet" into the objective: EMA_COLD).
+GRADIENT, EMA_COLD, EMA, INFO = 0, 1, 2, 3
 CONSTRAINT_CODE = {constraint: constraint.code for constraint in Constraint}  # csrc's order is the enum's
 KIND_CODE = {"sgd": 0, "adam": 1}
 FLAG_WEIGHT, FLAG_PERTURBED = 1, 2
@@ -66,7 +66,7 @@ def _direction(spec: Preconditioner, ema_ready: bool) -> int:
     if spec.objective is Objective.GRADIENT:
         return GRADIENT
     if not ema_ready:
-        return FIRST_STEP
+        return EMA_COLD
     return EMA if spec.objective is Objective.EMA else INFO
 
 
