@@ -295,3 +295,13 @@ TRAINING_STATE_KEYS = {
     "InfoSAM+SGD": {"momentum_buffer", "grad_ema"},
     "InfoSAM+Adam": {"exp_avg", "exp_avg_sq", "step", "grad_ema"},
 }
+
+
+def step_with_unit_gradients(opt, params):
+    """One SAM step (both passes) with every gradient set to ones."""
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.first_step(zero_grad=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.second_step(zero_grad=True)

@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from presam_kernels import SAM, extension_available
+from helpers import step_with_unit_gradients
 from presam_kernels.backends import triton_available
-
-
-def _step(opt, params):
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.first_step(zero_grad=True)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.second_step(zero_grad=True)
 
 
 needs_cpp = pytest.mark.skipif(not extension_available(), reason="the C++ extension is not built")
@@ -27,11 +19,11 @@ def test_named_cpp_with_float64_warns_once_and_reports_eager():
     params = [torch.zeros(5, dtype=torch.float64, requires_grad=True)]
     opt = SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, backend="cpp")
     with pytest.warns(RuntimeWarning, match="backend='cpp' cannot run"):
-        _step(opt, params)
+        step_with_unit_gradients(opt, params)
     assert opt.last_step_backend == "eager"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _step(opt, params)  # once only
+        step_with_unit_gradients(opt, params)  # once only
     assert opt.last_step_backend == "eager"
 
 
@@ -42,7 +34,7 @@ def test_auto_choice_falls_back_without_a_warning(monkeypatch):
     opt = SAM(params, torch.optim.SGD, rho=0.1, lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _step(opt, params)
+        step_with_unit_gradients(opt, params)
     assert opt.backend == "cpp" and opt.last_step_backend == "eager"
 
 
@@ -52,7 +44,7 @@ def test_named_cpp_on_what_it_runs_reports_cpp_without_a_warning():
     opt = SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, backend="cpp")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _step(opt, params)
+        step_with_unit_gradients(opt, params)
     assert opt.last_step_backend == "cpp"
 
 

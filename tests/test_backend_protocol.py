@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from presam_kernels import SAM, backends, extension_available
+from helpers import step_with_unit_gradients
 from presam_kernels.backends import eager, protocol
 
 NAMES = ["eager"] + (["cpp"] if extension_available() else []) + (["triton"] if backends.triton_available() else [])
@@ -41,15 +42,6 @@ def _model():
     return [torch.nn.Parameter(torch.randn(4, 3, generator=gen)), torch.nn.Parameter(torch.randn(3, generator=gen))]
 
 
-def _step(opt, params):
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.first_step(zero_grad=True)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.second_step(zero_grad=True)
-
-
 def _old_perturb(tables, buckets, spec, rhos, first, found_inf=None):
     raise AssertionError("never called")
 
@@ -77,9 +69,9 @@ def test_the_reported_path_drives_last_step_backend_and_the_warning(monkeypatch)
     opt = SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, backend="eager")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _step(opt, params)  # the backend's own path: nothing to tell
+        step_with_unit_gradients(opt, params)  # the backend's own path: nothing to tell
     assert opt.backend == "fake" and opt.last_step_backend == "fake"
     fake.perturb = _fake(name="fake", path="eager").perturb  # now it reports a hand-over to eager
     with pytest.warns(RuntimeWarning, match="the step ran on the eager backend"):
-        _step(opt, params)
+        step_with_unit_gradients(opt, params)
     assert opt.last_step_backend == "eager"
