@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import batch, loss_of, make_model  # batch: the stream from seed 1000
 from presam_kernels import ASAM, SAM, FisherSAM, InfoSAM, VaSSO
 
 ALL_CLASSES = [SAM, ASAM, InfoSAM, VaSSO, FisherSAM]
@@ -27,20 +28,6 @@ EXACT = dict(rtol=0, atol=0)
 # ---------------------------------------------------------------------------
 # helpers: a tiny model, deterministic batches, plain-PyTorch SAM
 # ---------------------------------------------------------------------------
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def batch(k: int, n: int = 16):
-    gen = torch.Generator().manual_seed(1000 + k)
-    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
-
-
-def loss_of(model, b):
-    return F.cross_entropy(model(b[0]), b[1])
-
-
 @torch.no_grad()
 def reference_perturb(param_groups, eps=1e-12, c_of=None):
     """x <- x + rho_group * c^2 g / (||c g|| + eps), one global norm over every

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import batch as batch_of
+from helpers import loss_of, make_model
 from presam_kernels import ASAM, SAM, InfoSAM
 
 MODES = pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
@@ -21,18 +23,8 @@ EXACT = dict(rtol=0, atol=0)
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
 def batch(k: int, n: int = 16):
-    gen = torch.Generator().manual_seed(5000 + k)
-    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
-
-
-def loss_of(model, b):
-    return F.cross_entropy(model(b[0]), b[1])
+    return batch_of(k, n, first_seed=5000)  # this file's stream
 
 
 def two_step(model, opt, batches):
