@@ -26,9 +26,9 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST) tests bench --benchmark-disable
 
 # The interpreted Triton cases `make test` leaves out as not core (tests/conftest.py,
-# PRESAM_ALL_CASES), at interpreter sizes (tests/helpers.py): 433 cases, 650 s of
-# CPU (measured: 42 min wall with two workers on 2 cores at load 12, i.e. shared
-# with other jobs; about 6 min on 2 idle cores). Per-launch interpreter overhead,
+# PRESAM_ALL_CASES), at interpreter sizes (tests/helpers.py): 435 cases, 12 min with
+# two workers on 2 nearly idle cores (fresh-clone .ci/run, 2026-12-01; 42 min at
+# load 12 on a shared machine). Per-launch interpreter overhead,
 # not tensor size, is most of it (test_properties' drawn examples: a third).
 # Run by .ci/run right after `make test`.
 test-all-cases: $(STAMP)
@@ -52,9 +52,9 @@ $(T39)/.installed: $(STAMP)
 	touch $@
 
 # Every test that runs the Triton kernels (-m triton), core and non-core cases
-# (PRESAM_EVERY_CASE), then the codegen sweep. The first line: 756 tests (11 GPU-only
-# skipped), 845 s of CPU (measured: 46 min wall, two workers at load 12; about
-# 7-8 min on 2 idle cores).
+# (PRESAM_EVERY_CASE), then the codegen sweep. The first line: 762 tests (11 GPU-only
+# skipped), 6 min with two workers on 2 nearly idle cores (fresh-clone .ci/run,
+# 2026-12-01; 46 min at load 12); the sweep: 4 min with half of it cached.
 test-triton-next: $(T39)/.installed
 	PRESAM_EVERY_CASE=1 OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q $(XDIST) -m triton tests
 	PRESAM_ALL_CASES=1 OMP_NUM_THREADS=1 $(T39)/bin/python -m pytest -q tests/test_codegen.py
