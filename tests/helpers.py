@@ -235,9 +235,11 @@ def group_list(params, group_of, group_rhos):
     return groups, [group_rhos[k] for k in group_of]
 
 
-def run_against_oracle(variant, xs, grad_steps, tol, *, flatten, backend, group_of=None, group_rhos=None, rho=RHO):
+def run_against_oracle(variant, xs, grad_steps, tol, *, flatten, backend, group_of=None, group_rhos=None, rho=RHO,
+                       give_grad=set_grad):
     """Every step: first_step must give the oracle's x + e (and m), second_step
-    must give x back bit for bit. Returns the optimizer and the oracle."""
+    must give x back bit for bit. ``give_grad(p, g)`` hands each gradient over
+    (default: as the first backward would). Returns the optimizer and the oracle."""
     params = new_params(xs)
     if group_of is None:
         opt = variant.make(params, rho, flatten=flatten, backend=backend)
@@ -248,7 +250,7 @@ def run_against_oracle(variant, xs, grad_steps, tol, *, flatten, backend, group_
     oracle = Oracle(variant.spec, len(params))
     for t, gs in enumerate(grad_steps):
         for p, g in zip(params, gs):
-            set_grad(p, g)
+            give_grad(p, g)
         expected = oracle.step(xs, gs, rhos)
         opt.first_step()
         for i, (p, x_adv) in enumerate(zip(params, expected)):
@@ -305,3 +307,20 @@ def step_with_unit_gradients(opt, params):
     for p in params:
         p.grad = torch.ones_like(p)
     opt.second_step(zero_grad=True)
+
+
+def torch_step_from_saved(ref, ref_params, saved, params, state):
+    """torch's own base step (``ref`` over ``ref_params``) from the saved x,
+    with each parameter's current (second) gradient and a copy of its base
+    state from ``state`` (our ``grad_ema`` left out): what a fused
+    restore + base step must equal."""
+    with torch.no_grad():
+        for rp, s, p in zip(ref_params, saved, params):
+            rp.copy_(s)
+            rp.grad = p.grad.clone()
+    ref.state.clear()
+    for rp, p in zip(ref_params, params):
+        entry = {k: v.clone() for k, v in state[p].items() if k != "grad_ema"}
+        if entry:
+            ref.state[rp] = entry
+    ref.step()

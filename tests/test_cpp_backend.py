@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import torch_step_from_saved
 from presam_kernels import SAM, InfoSAM, extension_available
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="the C++ extension is not built")
@@ -102,16 +103,7 @@ def test_fused_base_update_matches_torch_optim(base, flatten, dtype, ulps):
         backward(params, seed=step)
         opt.first_step(zero_grad=True)
         backward(params, seed=step)
-        with torch.no_grad():
-            for rp, s, p in zip(ref_params, saved, params):
-                rp.copy_(s)
-                rp.grad = p.grad.clone()
-        ref.state.clear()
-        for rp, p in zip(ref_params, params):
-            entry = {k: v.clone() for k, v in opt.state[p].items()}
-            if entry:
-                ref.state[rp] = entry
-        ref.step()
+        torch_step_from_saved(ref, ref_params, saved, params, opt.state)
         opt.second_step(zero_grad=True)
         assert opt.last_step_fused, "the fused path was not taken"
         for k, (p, rp) in enumerate(zip(params, ref_params)):

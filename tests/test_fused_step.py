@@ -26,6 +26,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton  # every test here runs the Triton backend
 
+from helpers import torch_step_from_saved  # noqa: E402
 from presam_kernels import SAM, InfoSAM, base_update  # noqa: E402
 from presam_kernels.backends.triton import table as triton_table  # noqa: E402
 
@@ -101,17 +102,7 @@ def check_steps_against_torch(opt, params, scales, steps=3):
         backward(params, scales)
         opt.first_step(zero_grad=True)
         backward(params, scales)
-        # The reference: torch's step from x with the second gradient and a copy of the state.
-        with torch.no_grad():
-            for rp, s, p in zip(ref_params, saved, params):
-                rp.copy_(s)
-                rp.grad = p.grad.clone()
-        ref.state.clear()
-        for rp, p in zip(ref_params, params):
-            entry = {k: v.clone() for k, v in opt.state[p].items() if k != "grad_ema"}
-            if entry:
-                ref.state[rp] = entry
-        ref.step()
+        torch_step_from_saved(ref, ref_params, saved, params, opt.state)
         opt.second_step(zero_grad=True)
         assert opt.last_step_fused, "the fused path was not taken"
         for k, (p, rp) in enumerate(zip(params, ref_params)):
