@@ -47,6 +47,13 @@ bool as_bool(PyObject* item) {
 
 int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_ptr()); }
 
+// The items of a list or tuple (borrowed, valid while it is alive and unchanged).
+PyObject** items(const py::object& seq, const char* what) {
+  TORCH_CHECK(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()), "DeviceTables.get: ", what,
+              " must be a list or a tuple");
+  return PySequence_Fast_ITEMS(seq.ptr());
+}
+
 // One device table per distinct key, the most recently used last.
 struct Entry {
   std::vector<int64_t> key;
@@ -69,52 +76,43 @@ class DeviceTables {
   // linear (the caller takes the eager path). ``members`` (the bucket's index
   // of each row's parameter) or, for rows spanning several parameters (None),
   // ``saved_views`` / ``ema_views``, each row's slices, checked one by one.
-  py::object get(const py::list& params, const py::list& grads, const py::object& members,
-                 const py::object& saved_views, const py::object& ema_views, const py::list& offsets,
-                 const py::list& lengths, const py::list& groups, const py::list& is_weight,
-                 const py::list& perturbed, const at::Tensor& saved, const std::optional<at::Tensor>& ema,
+  py::object get(const py::object& params, const py::list& grads, const py::object& members,
+                 const py::object& saved_views, const py::object& ema_views, const py::object& offsets,
+                 const py::object& lengths, const py::object& groups, const py::object& is_weight,
+                 const py::object& perturbed, const at::Tensor& saved, const std::optional<at::Tensor>& ema,
                  int64_t chunk, const py::function& build) {
-    const size_t n = params.size();
+    const size_t n = grads.size();
     const bool by_member = !members.is_none();
-    TORCH_CHECK(grads.size() == n && offsets.size() == n && lengths.size() == n && groups.size() == n &&
-                    is_weight.size() == n && perturbed.size() == n,
-                "DeviceTables.get: every per-row list needs ", n, " entries");
-    PyObject* member_list = by_member ? members.ptr() : nullptr;
-    PyObject* saved_list = by_member ? nullptr : saved_views.ptr();
-    PyObject* ema_list = by_member || ema_views.is_none() ? nullptr : ema_views.ptr();
-    if (by_member) {
-      TORCH_CHECK(PyList_Check(member_list) && static_cast<size_t>(PyList_GET_SIZE(member_list)) == n,
-                  "DeviceTables.get: members must be a list of ", n);
-    } else {
-      TORCH_CHECK(PyList_Check(saved_list) && static_cast<size_t>(PyList_GET_SIZE(saved_list)) == n,
-                  "DeviceTables.get: saved_views must be a list of ", n);
-      TORCH_CHECK(!ema_list || (PyList_Check(ema_list) && static_cast<size_t>(PyList_GET_SIZE(ema_list)) == n),
-                  "DeviceTables.get: ema_views must be None or a list of ", n);
-    }
+    TORCH_CHECK(py::len(params) == n && py::len(offsets) == n && py::len(lengths) == n && py::len(groups) == n &&
+                    py::len(is_weight) == n && py::len(perturbed) == n && (!by_member || py::len(members) == n),
+                "DeviceTables.get: every per-row sequence needs ", n, " entries");
+    PyObject** param_items = items(params, "params");
+    PyObject** grad_items = items(grads, "grads");
+    PyObject** saved_items = by_member ? nullptr : items(saved_views, "saved_views");
+    PyObject** ema_items = by_member || ema_views.is_none() ? nullptr : items(ema_views, "ema_views");
+    TORCH_CHECK(by_member || py::len(saved_views) == n, "DeviceTables.get: saved_views needs ", n, " entries");
+    TORCH_CHECK(!ema_items || py::len(ema_views) == n, "DeviceTables.get: ema_views needs ", n, " entries");
     const int64_t saved_base = address(saved);
     const int64_t saved_size = saved.element_size();
     const int64_t ema_base = ema ? address(*ema) : 0;
+    const std::vector<StaticRow>& rows = static_rows(members, offsets, lengths, groups, is_weight, perturbed);
     key_.assign({chunk, saved_base, ema ? ema_base : -1, static_cast<int64_t>(n)});
     key_.reserve(kKeyHeader + kKeyPerRow * n);
     for (size_t r = 0; r < n; ++r) {
-      PyObject* p_obj = PyList_GET_ITEM(params.ptr(), r);
-      PyObject* g_obj = PyList_GET_ITEM(grads.ptr(), r);
+      PyObject* p_obj = param_items[r];
+      PyObject* g_obj = grad_items[r];
       if (!plain(p_obj) || !plain(g_obj)) return py::none();  // DTensor and other subclasses: eager
       const at::Tensor& p = THPVariable_Unpack(p_obj);
       const at::Tensor& g = THPVariable_Unpack(g_obj);
-      const int64_t offset = as_int(PyList_GET_ITEM(offsets.ptr(), r));
-      const int64_t length = as_int(PyList_GET_ITEM(lengths.ptr(), r));
-      const int64_t flags = (as_bool(PyList_GET_ITEM(is_weight.ptr(), r)) ? kFlagWeight : 0) |
-                            (as_bool(PyList_GET_ITEM(perturbed.ptr(), r)) ? kFlagPerturbed : 0);
-      if (length != 0) {  // an empty row touches nothing: never walked, never checked
+      const StaticRow& row = rows[r];
+      if (row.length != 0) {  // an empty row touches nothing: never walked, never checked
         const bool linear =
-            by_member ? member_is_linear(p, g, as_int(PyList_GET_ITEM(member_list, r)))
-                      : slices_are_linear(p, g, length, PyList_GET_ITEM(saved_list, r), saved_base + offset * saved_size,
-                                          ema_list ? PyList_GET_ITEM(ema_list, r) : nullptr, ema_base + offset * 4);
+            by_member ? member_is_linear(p, g, row.member)
+                      : slices_are_linear(p, g, row.length, saved_items[r], saved_base + row.offset * saved_size,
+                                          ema_items ? ema_items[r] : nullptr, ema_base + row.offset * 4);
         if (!linear) return py::none();
       }
-      key_.insert(key_.end(), {address(p), address(g), offset, length, as_int(PyList_GET_ITEM(groups.ptr(), r)),
-                               flags});
+      key_.insert(key_.end(), {address(p), address(g), row.offset, row.length, row.group, row.flags});
     }
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->key == key_) {
@@ -131,6 +129,40 @@ class DeviceTables {
   size_t size() const { return entries_.size(); }
 
  private:
+  // What a row's entries of the per-row lists say (all but the tensors).
+  struct StaticRow {
+    int64_t offset, length, group, flags, member;
+  };
+
+  // The per-row numbers, converted again only when a sequence is not the one
+  // of the last call: a bucket's tables share them from step to step as tuples
+  // (buckets.Bucket.table), which cannot change, and the last call's are held
+  // here, so that their identities cannot be reused by other objects.
+  const std::vector<StaticRow>& static_rows(const py::object& members, const py::object& offsets,
+                                            const py::object& lengths, const py::object& groups,
+                                            const py::object& is_weight, const py::object& perturbed) {
+    const std::vector<py::object> numbers = {members, offsets, lengths, groups, is_weight, perturbed};
+    bool same = numbers.size() == static_numbers_.size();
+    for (size_t k = 0; same && k < numbers.size(); ++k) {
+      same = numbers[k].is(static_numbers_[k]) && (numbers[k].is_none() || PyTuple_CheckExact(numbers[k].ptr()));
+    }
+    if (same) return static_rows_;
+    const size_t n = py::len(offsets);
+    const bool by_member = !members.is_none();
+    std::vector<StaticRow> rows;
+    rows.reserve(n);
+    for (size_t r = 0; r < n; ++r) {
+      auto item = [&](const py::object& seq) { return py::reinterpret_borrow<py::object>(seq[py::int_(r)]); };
+      rows.push_back({item(offsets).cast<int64_t>(), item(lengths).cast<int64_t>(), item(groups).cast<int64_t>(),
+                      (as_bool(item(is_weight).ptr()) ? kFlagWeight : 0) |
+                          (as_bool(item(perturbed).ptr()) ? kFlagPerturbed : 0),
+                      by_member ? item(members).cast<int64_t>() : -1});
+    }
+    static_rows_ = std::move(rows);
+    static_numbers_ = numbers;
+    return static_rows_;
+  }
+
   // A plain strided tensor of the bucket's dtype and device (torch.Tensor or
   // nn.Parameter exactly: a subclass may mean something else by its storage).
   bool plain(PyObject* obj) const {
@@ -194,6 +226,8 @@ class DeviceTables {
   int64_t capacity_;
   std::vector<Entry> entries_;
   std::vector<int64_t> key_;  // this call's key, kept to reuse its allocation
+  std::vector<py::object> static_numbers_;  // the per-row numbers of the last call
+  std::vector<StaticRow> static_rows_;      // converted
 };
 
 // -- scans over the optimizer's parameters (presam_kernels/_host.py) -------------
@@ -249,16 +283,26 @@ bool any_sparse_grad(const py::list& params) {
   return false;
 }
 
-// (indices of the parameters that have a gradient, those gradients).
+// (indices of the parameters that have a gradient as a tuple, those gradients as a list).
 py::tuple rows_with_grads(const py::list& params) {
-  py::list rows, grads;
-  for (size_t i = 0; i < params.size(); ++i) {
+  const size_t n = params.size();
+  std::vector<py::object> grads;
+  std::vector<size_t> rows;
+  grads.reserve(n);
+  rows.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
     py::object grad = grad_of(PyList_GET_ITEM(params.ptr(), i));
     if (grad.is_none()) continue;
-    rows.append(py::int_(i));
-    grads.append(grad);
+    rows.push_back(i);
+    grads.push_back(std::move(grad));
   }
-  return py::make_tuple(rows, grads);
+  py::tuple row_tuple(rows.size());
+  py::list grad_list(rows.size());
+  for (size_t r = 0; r < rows.size(); ++r) {
+    PyTuple_SET_ITEM(row_tuple.ptr(), r, PyLong_FromSize_t(rows[r]));
+    PyList_SET_ITEM(grad_list.ptr(), r, grads[r].release().ptr());
+  }
+  return py::make_tuple(row_tuple, grad_list);
 }
 
 }  // namespace

@@ -15,9 +15,11 @@ _compiled = None  # presam_kernels._C, once loaded
 def native():
     """The extension module when the C++ host path runs, else None."""
     global _compiled
-    if not (USE_NATIVE and _extension.extension_available()):
+    if not USE_NATIVE:
         return None
-    if _compiled is None:
+    if _compiled is None:  # called a dozen times a step: the check runs once
+        if not _extension.extension_available():
+            return None
         from . import _C
 
         _compiled = _C
@@ -49,9 +51,9 @@ def any_sparse_grad(params) -> bool:
 
 
 def rows_with_grads(params):
-    """(indices of the parameters that have a gradient, those gradients)."""
+    """(indices of the parameters that have a gradient as a tuple, those gradients as a list)."""
     compiled = native()
     if compiled is not None:
         return compiled.rows_with_grads(params)
-    rows = [i for i, p in enumerate(params) if p.grad is not None]
+    rows = tuple(i for i, p in enumerate(params) if p.grad is not None)
     return rows, [params[i].grad for i in rows]

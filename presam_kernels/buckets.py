@@ -18,6 +18,9 @@ import torch
 
 from . import _host
 
+# Table layouts (every list of a table but the gradients) kept per bucket,
+# keyed by which parameters have a gradient: a few, for steps that alternate.
+TABLE_LAYOUTS_PER_BUCKET = 8
 # Slices start on multiples of this many elements (64 B for fp32, 32 B for
 # bf16) so that every slice address is 16-byte aligned for vectorised loads.
 SLICE_ALIGN = 16
@@ -58,6 +61,13 @@ def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
     return True
 
 
+# A table's per-row fields but the gradients: tuples, so that tables sharing
+# them (Bucket.table keeps them from step to step) cannot change them under
+# each other, and the C++ table check can trust one it has seen.
+_ROW_FIELDS = ("params", "backups", "adversarials", "grad_emas", "offsets", "lengths", "group_index", "is_weight",
+               "perturbed")
+
+
 @dataclass
 class Table:
     """The rows of one bucket that take part in one step.
@@ -71,21 +81,21 @@ class Table:
     of into x.
     """
 
-    params: list
+    params: tuple
     grads: list
-    backups: list
-    grad_emas: list | None
-    offsets: list
-    lengths: list
-    group_index: list
-    is_weight: list
-    perturbed: list
+    backups: tuple | None
+    grad_emas: tuple | None
+    offsets: tuple
+    lengths: tuple
+    group_index: tuple
+    is_weight: tuple
+    perturbed: tuple
     # For DTensor buckets: maps this table's local sum of squares to the sum
     # over the whole mesh (replicas counted once); None for plain tensors.
     reduce_sum_of_squares: object = None
-    adversarials: list | None = None
+    adversarials: tuple | None = None
     merged: bool = False  # flatten=True rows spanning several parameters
-    members: list | None = None  # per-parameter rows: the bucket's parameter index of each
+    members: tuple | None = None  # per-parameter rows: the bucket's parameter index of each
 
     @property
     def out_of_place(self) -> bool:
@@ -93,6 +103,13 @@ class Table:
 
     def __len__(self):
         return len(self.params)
+
+    def with_grads(self, grads) -> "Table":
+        """This table with ``grads`` as its gradients (the other lists shared)."""
+        table = Table.__new__(Table)
+        table.__dict__.update(self.__dict__)
+        table.grads = grads
+        return table
 
 
 @dataclass(eq=False)
@@ -124,6 +141,8 @@ class Bucket:
     # per-parameter views handed out as optimizer.state[p][key].
     base_state: dict = field(default_factory=dict)
     base_views: dict = field(default_factory=dict)
+    # table()'s layouts, by (rows with a gradient, its arguments), most recent last.
+    _table_layouts: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         offset = 0
@@ -272,28 +291,46 @@ class Bucket:
         whether param group k has a nonzero rho; ``out_of_place`` gives the
         rows adversarial slices instead of backups; ``merge=False`` keeps one
         row per parameter with flatten=True too (the rows then reach the
-        parameters through the tensors themselves, not the flat buffers)."""
-        ema = self.grad_ema
+        parameters through the tensors themselves, not the flat buffers).
+
+        Everything but the gradients depends only on which parameters have one
+        and on the arguments, so it is made once per such key and kept (a
+        step's tables took ~50 us of host time for ResNet-50's 161 tensors,
+        bench/RESULTS.md "CPU (host)"); the gradients are this step's own."""
         rows, grads = _host.rows_with_grads(self.params)  # a scan in C++ where the extension is built
+        if self.mesh is not None:  # DTensor: the local shards are new tensors each time
+            return self._new_table(rows, grads, group_perturbed, out_of_place, merge)
+        # The buffers by identity: the layout's views of them keep them alive.
+        key = (rows, tuple(group_perturbed), out_of_place, merge, id(self.backup), id(self.adversarial), id(self.grad_ema))
+        layout = self._table_layouts.get(key)
+        if layout is None:
+            layout = self._new_table(rows, None, group_perturbed, out_of_place, merge)
+            self._table_layouts[key] = layout
+            while len(self._table_layouts) > TABLE_LAYOUTS_PER_BUCKET:
+                self._table_layouts.pop(next(iter(self._table_layouts)))
+        return layout.with_grads(layout.grads if layout.merged else grads)
+
+    def _new_table(self, rows, grads, group_perturbed, out_of_place, merge) -> Table:
         if self.flatten and merge:
             return self._merged_table(rows, group_perturbed, out_of_place)
+        ema = self.grad_ema
         saved = self.views(self.ensure_adversarial() if out_of_place else self.ensure_backup())
-        views = [saved[i] for i in rows]
-        params = [self.params[i] for i in rows]
+        views = tuple(saved[i] for i in rows)
+        params = tuple(self.params[i] for i in rows)
         if self.mesh is not None:
-            params, grads = [local(p) for p in params], [local(g) for g in grads]
+            params, grads = tuple(local(p) for p in params), [local(g) for g in grads]
         emas = None if ema is None else self.views(ema)
         return Table(
             params=params,
             grads=grads,
             backups=None if out_of_place else views,
             adversarials=views if out_of_place else None,
-            grad_emas=None if ema is None else [emas[i] for i in rows],
-            offsets=[self.offsets[i] for i in rows],
-            lengths=[self.numels[i] for i in rows],
-            group_index=[self.group_index[i] for i in rows],
-            is_weight=[self.is_weight[i] for i in rows],
-            perturbed=[group_perturbed[self.group_index[i]] for i in rows],
+            grad_emas=None if ema is None else tuple(emas[i] for i in rows),
+            offsets=tuple(self.offsets[i] for i in rows),
+            lengths=tuple(self.numels[i] for i in rows),
+            group_index=tuple(self.group_index[i] for i in rows),
+            is_weight=tuple(self.is_weight[i] for i in rows),
+            perturbed=tuple(group_perturbed[self.group_index[i]] for i in rows),
             reduce_sum_of_squares=None if self.mesh is None else self.sum_over_mesh,
             members=rows,
         )
@@ -326,6 +363,9 @@ class Bucket:
             table.perturbed.append(group_perturbed[self.group_index[first]])
         if out_of_place:
             table.backups = None
+        for name in _ROW_FIELDS:
+            value = getattr(table, name)
+            setattr(table, name, None if value is None else tuple(value))
         return table
 
     def _same_row_meta(self, i, j):

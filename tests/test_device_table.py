@@ -4,6 +4,8 @@ handed out only while nothing it holds has changed, and a row the kernels
 cannot walk gives None (the eager path). Each test runs on both host paths:
 the C++ check and cache (csrc/host.cpp) and the Python fallback.
 """
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -49,6 +51,17 @@ def make_bucket(shapes=SHAPES, flatten=False, groups=None, ema=False):
     if ema:
         bucket.ensure_grad_ema()
     return params, bucket
+
+
+def with_row(table, i, **change):
+    """A copy of ``table`` whose row i has ``change[field](old value)`` in each
+    field named (tables are immutable: buckets share their rows between steps)."""
+    fields = {}
+    for name, new in change.items():
+        values = list(getattr(table, name))
+        values[i] = new(values[i])
+        fields[name] = values if name == "grads" else tuple(values)
+    return replace(table, **fields)
 
 
 def expected_rows(table):
@@ -131,18 +144,16 @@ def test_restrided_tensor_at_the_same_address_is_not_walked(uploads, which):
 def test_param_on_another_device_is_not_walked(uploads):
     params, bucket = make_bucket()
     check_current(bucket, bucket.table([True]))
-    table = bucket.table([True])
-    table.params[3] = table.params[3].to("meta")  # as a bucket's row sees a parameter moved away
-    table.grads[3] = table.grads[3].to("meta")
+    table = with_row(bucket.table([True]), 3, params=lambda p: p.to("meta"), grads=lambda g: g.to("meta"))
+    # as a bucket's row sees a parameter moved away
     assert triton_table.device_table(bucket, table, CHUNK) is None
 
 
 def test_param_of_another_dtype_is_not_walked(uploads):
     params, bucket = make_bucket()
     check_current(bucket, bucket.table([True]))
-    table = bucket.table([True])
-    table.params[1] = table.params[1].to(torch.float64)
-    table.grads[1] = table.grads[1].to(torch.float64)
+    to64 = lambda t: t.to(torch.float64)  # noqa: E731
+    table = with_row(bucket.table([True]), 1, params=to64, grads=to64)
     assert triton_table.device_table(bucket, table, CHUNK) is None
 
 
@@ -151,8 +162,7 @@ def test_tensor_subclass_is_not_walked(uploads):
         pass
 
     params, bucket = make_bucket()
-    table = bucket.table([True])
-    table.params[2] = torch.Tensor._make_subclass(Tagged, table.params[2])
+    table = with_row(bucket.table([True]), 2, params=lambda p: torch.Tensor._make_subclass(Tagged, p))
     assert triton_table.device_table(bucket, table, CHUNK) is None
 
 
@@ -162,15 +172,15 @@ def test_changed_row_metadata_rebuilds(uploads, change):
     check_current(bucket, bucket.table([True, True]))
     table = bucket.table([True, True])
     if change == "group":
-        table.group_index[1] = 1
+        table = with_row(table, 1, group_index=lambda k: 1)
     elif change == "perturbed":
         table = bucket.table([True, False])  # rho = 0 for group 1
     elif change == "is_weight":
-        table.is_weight[1] = not table.is_weight[1]
+        table = with_row(table, 1, is_weight=lambda w: not w)
     elif change == "offset":
-        table.offsets[1] += 16  # another slice of the flat buffers (still inside them)
+        table = with_row(table, 1, offsets=lambda o: o + 16)  # another slice of the flat buffers (still inside them)
     else:
-        table.lengths[3] = 0  # an empty row: left out, the next row's first chunk moves
+        table = with_row(table, 3, lengths=lambda n: 0)  # an empty row: left out, the next row's first chunk moves
     check_current(bucket, table)
     assert len(uploads) == 2
 
@@ -212,11 +222,9 @@ def test_merged_rows_of_a_flat_bucket(uploads):
 
 def test_merged_row_whose_slice_is_elsewhere_is_not_walked(uploads):
     params, bucket = make_bucket(flatten=True, ema=True)
-    table = bucket.table([True])
-    table.backups[0] = table.backups[0].clone()  # not the bucket's backup at the row's offset
+    table = with_row(bucket.table([True]), 0, backups=lambda b: b.clone())  # not the bucket's backup at the row's offset
     assert triton_table.device_table(bucket, table, CHUNK) is None
-    table = bucket.table([True])
-    table.grad_emas[0] = table.grad_emas[0].clone()
+    table = with_row(bucket.table([True]), 0, grad_emas=lambda m: m.clone())
     assert triton_table.device_table(bucket, table, CHUNK) is None
 
 

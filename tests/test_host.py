@@ -79,10 +79,10 @@ def test_rows_with_grads_hands_out_the_gradients_themselves(path):
     params[0].grad = torch.randn(3, 4)
     params[2].grad = torch.randn(2, 2)
     rows, grads = _host.rows_with_grads(params)
-    assert rows == [0, 2]
+    assert rows == (0, 2)
     assert grads[0] is params[0].grad and grads[1] is params[2].grad
     params[0].grad = None
-    assert _host.rows_with_grads(params) == ([2], [params[2].grad])
+    assert _host.rows_with_grads(params) == ((2,), [params[2].grad])
 
 
 def test_rows_with_grads_asks_a_subclass(path):
@@ -92,4 +92,4 @@ def test_rows_with_grads_asks_a_subclass(path):
             return "its own"
 
     t = torch.Tensor._make_subclass(WithGrad, torch.randn(3))
-    assert _host.rows_with_grads([torch.randn(2), t]) == ([1], ["its own"])
+    assert _host.rows_with_grads([torch.randn(2), t]) == ((1,), ["its own"])
