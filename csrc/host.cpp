@@ -17,6 +17,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -230,6 +231,84 @@ class DeviceTables {
   std::vector<StaticRow> static_rows_;      // converted
 };
 
+// -- the base optimizer's state as a fused step left it (base_update.SteadyPlan) -------
+//
+// Holds, for the parameters a fused step updated, the per-parameter state
+// entry (a dict) and the tensor under each of ``keys`` that the step used, and
+// answers whether ``optimizer.state`` still holds exactly those: the same entry
+// per parameter, the same tensor under each key, and the tensors under
+// ``versioned_key`` (Adam's step counts) not written since ``note_versions``.
+// The state dict is walked item by item: looking a parameter up would hash it
+// through torch.Tensor.__hash__, a Python function (~0.3 us a parameter).
+class StateWatch {
+ public:
+  StateWatch(const py::list& params, const py::list& entries, const py::tuple& keys, const py::list& values,
+             const py::object& versioned_key)
+      : keys_(keys), versioned_(-1) {
+    const size_t n = params.size();
+    TORCH_CHECK(entries.size() == n && values.size() == n * keys.size(),
+                "StateWatch: an entry per parameter and a value per parameter and key");
+    for (size_t k = 0; k < keys.size(); ++k) {
+      TORCH_CHECK(PyUnicode_CheckExact(keys[k].ptr()), "StateWatch: keys must be str");
+      if (!versioned_key.is_none() && py::reinterpret_borrow<py::object>(keys[k]).equal(versioned_key)) {
+        versioned_ = static_cast<int64_t>(k);
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      params_.push_back(params[i]);
+      TORCH_CHECK(PyDict_Check(entries[i].ptr()), "StateWatch: entries must be dicts");
+      entries_.push_back(entries[i]);
+      index_.emplace(params[i].ptr(), i);
+    }
+    for (size_t j = 0; j < values.size(); ++j) values_.push_back(values[j]);
+    note_versions();
+  }
+
+  bool holds(const py::dict& state) const {
+    std::vector<char> seen(entries_.size(), 0);
+    size_t found = 0;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(state.ptr(), &pos, &key, &value)) {
+      auto it = index_.find(key);
+      if (it == index_.end()) continue;
+      if (value != entries_[it->second].ptr()) return false;  // the entry was replaced
+      seen[it->second] = 1;
+      ++found;
+    }
+    if (found != entries_.size()) return false;  // an entry was removed
+    const size_t n_keys = keys_.size();
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      for (size_t k = 0; k < n_keys; ++k) {
+        PyObject* now = PyDict_GetItemWithError(entries_[i].ptr(), keys_[k].ptr());
+        if (now == nullptr && PyErr_Occurred()) throw py::error_already_set();
+        if (now != values_[i * n_keys + k].ptr()) return false;
+      }
+      if (versioned_ >= 0 && version(i) != versions_[i]) return false;
+    }
+    return true;
+  }
+
+  // After the step wrote the versioned tensors itself (Adam's step += 1).
+  void note_versions() {
+    versions_.clear();
+    if (versioned_ < 0) return;
+    for (size_t i = 0; i < entries_.size(); ++i) versions_.push_back(version(i));
+  }
+
+ private:
+  int64_t version(size_t i) const {
+    PyObject* obj = values_[i * keys_.size() + versioned_].ptr();
+    return THPVariable_Check(obj) ? THPVariable_Unpack(obj)._version() : -1;
+  }
+
+  py::tuple keys_;
+  int64_t versioned_;
+  std::vector<py::object> params_, entries_, values_;  // held: their identities stay theirs
+  std::unordered_map<PyObject*, size_t> index_;
+  std::vector<int64_t> versions_;
+};
+
 // -- scans over the optimizer's parameters (presam_kernels/_host.py) -------------
 
 // A tensor's data address as Python's data_ptr() gives it; a subclass answers
@@ -319,6 +398,11 @@ PYBIND11_MODULE(_C, m) {
            py::arg("is_weight"), py::arg("perturbed"), py::arg("saved"), py::arg("ema"), py::arg("chunk"),
            py::arg("build"))
       .def("__len__", &presam::DeviceTables::size);
+  py::class_<presam::StateWatch>(m, "StateWatch")
+      .def(py::init<const py::list&, const py::list&, const py::tuple&, const py::list&, const py::object&>(),
+           py::arg("params"), py::arg("entries"), py::arg("keys"), py::arg("values"), py::arg("versioned_key"))
+      .def("holds", &presam::StateWatch::holds, py::arg("state"))
+      .def("note_versions", &presam::StateWatch::note_versions);
   m.def("layout_key", &presam::layout_key, py::arg("params"));
   m.def("data_addresses", &presam::data_addresses, py::arg("tensors"));
   m.def("any_sparse_grad", &presam::any_sparse_grad, py::arg("params"));

@@ -57,3 +57,41 @@ def rows_with_grads(params):
         return compiled.rows_with_grads(params)
     rows = tuple(i for i, p in enumerate(params) if p.grad is not None)
     return rows, [params[i].grad for i in rows]
+
+
+def state_watch(params, entries, keys, values, versioned_key):
+    """What ``base_update.PlanCache`` checks a base optimizer's state with:
+    ``holds(state)`` says whether ``state[params[i]]`` is still ``entries[i]``,
+    holding ``values[i * len(keys) + k]`` under ``keys[k]``, the tensors under
+    ``versioned_key`` unwritten since ``note_versions()`` (also at creation)."""
+    compiled = native()
+    if compiled is not None:
+        return compiled.StateWatch(list(params), list(entries), tuple(keys), list(values), versioned_key)
+    return _StateWatch(params, entries, keys, values, versioned_key)
+
+
+class _StateWatch:
+    def __init__(self, params, entries, keys, values, versioned_key):
+        self._params, self._entries, self._keys = list(params), list(entries), tuple(keys)
+        self._values = list(values)
+        self._versioned = self._keys.index(versioned_key) if versioned_key in self._keys else None
+        self.note_versions()
+
+    def holds(self, state) -> bool:
+        n = len(self._keys)
+        for i, (p, entry) in enumerate(zip(self._params, self._entries)):
+            if dict.get(state, p) is not entry:
+                return False
+            for k, key in enumerate(self._keys):
+                if entry.get(key) is not self._values[i * n + k]:
+                    return False
+        return self._versions() == self._noted
+
+    def note_versions(self):
+        self._noted = self._versions()
+
+    def _versions(self):
+        if self._versioned is None:
+            return None
+        n = len(self._keys)
+        return [getattr(self._values[i * n + self._versioned], "_version", None) for i in range(len(self._params))]

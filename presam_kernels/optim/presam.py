@@ -265,6 +265,7 @@ class PreSAM(Optimizer):
         self.last_step_backend = None  # the backend that ran the last perturbation
         self._fallback_warned = set()
         self._ema_ready = EmaReady()
+        self._plans = base_update.PlanCache()  # the fused base step's last steady plan
         self.skipped_steps = None  # device tensor, created on the first step
         self.last_perturbation_norm = None
         # torch.compile: the handle the traced steps pass to the presam:: ops,
@@ -284,6 +285,7 @@ class PreSAM(Optimizer):
         state["_backend_name"] = None if backend is None else backend.name
         base = state.pop("base_optimizer")
         state["_base_optimizer_parts"] = (type(base), base.__getstate__())
+        state.pop("_plans", None)  # refers to this optimizer's state entries: a copy makes its own
         return state
 
     def __setstate__(self, state):
@@ -300,6 +302,7 @@ class PreSAM(Optimizer):
         super().__setstate__(state)
         if name is not None:
             self._backend = backends.get(name)
+        self._plans = base_update.PlanCache()
         self._handle = library_ops.register(self)  # a copy is another optimizer
 
     def _step_pending(self) -> bool:
@@ -612,7 +615,7 @@ class PreSAM(Optimizer):
         def prepare():
             # Called by the backend once it knows it can run: only then is the
             # base state adopted into the flat buffers.
-            plan = base_update.plan(kind, self.base_optimizer, buckets, self.state)
+            plan = self._plans.plan(kind, self.base_optimizer, buckets, self.state, now)
             if plan is None:
                 return None
             plan.adopt()
