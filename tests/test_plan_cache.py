@@ -30,6 +30,10 @@ def _sgd(p):
     return torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01)
 
 
+def _sgd_plain(p):
+    return torch.optim.SGD, dict(lr=0.1)
+
+
 def _adam(p):
     return torch.optim.Adam, dict(lr=0.05)
 
@@ -52,6 +56,10 @@ def clear_entry(opt, params):
 
 def momentum_off(opt, params):
     opt.param_groups[0]["momentum"] = 0.0
+
+
+def momentum_on(opt, params):
+    opt.param_groups[0]["momentum"] = 0.9
 
 
 def lr_changed(opt, params):
@@ -78,6 +86,7 @@ def betas_changed(opt, params):
 
 CHANGES = {
     "sgd": (_sgd, [replace_momentum, momentum_in_place, drop_entry, clear_entry, momentum_off, lr_changed]),
+    "sgd_plain": (_sgd_plain, [momentum_on, lr_changed]),
     "adam": (_adam, [replace_exp_avg, step_written, step_replaced, drop_entry, betas_changed, lr_changed]),
 }
 CASES = [pytest.param(kind, change, id=f"{kind}-{change.__name__}") for kind, (_, cs) in CHANGES.items() for change in cs]
