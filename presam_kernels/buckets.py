@@ -300,8 +300,9 @@ class Bucket:
         rows, grads = _host.rows_with_grads(self.params)  # a scan in C++ where the extension is built
         if self.mesh is not None:  # DTensor: the local shards are new tensors each time
             return self._new_table(rows, grads, group_perturbed, out_of_place, merge)
+        saved = self.ensure_adversarial() if out_of_place else self.ensure_backup()
         # The buffers by identity: the layout's views of them keep them alive.
-        key = (rows, tuple(group_perturbed), out_of_place, merge, id(self.backup), id(self.adversarial), id(self.grad_ema))
+        key = (rows, tuple(group_perturbed), out_of_place, merge, id(saved), id(self.grad_ema))
         layout = self._table_layouts.get(key)
         if layout is None:
             layout = self._new_table(rows, None, group_perturbed, out_of_place, merge)
