@@ -361,16 +361,17 @@ class PreSAM(Optimizer):
             return "weight" in name
         return p.ndim >= 2
 
-    def _layout_key(self):
-        return _host.layout_key(self._params())  # (id, device, dtype) per parameter
+    def _layout_key(self, params=None):
+        # (id, device, dtype) per parameter; ``params``: self._params() where the caller has it
+        return _host.layout_key(self._params() if params is None else params)
 
-    def _ensure_buckets(self):
+    def _ensure_buckets(self, params=None):
         """The buckets, rebuilt when parameters were added or moved to another
         device or dtype (the EMA state travels with its parameter); with
         flatten=True, a parameter or gradient found replaced is copied back in."""
         if self._step_pending() and self._buckets is not None:
             return self._buckets  # never re-laid out under a pending step: restore needs its tables
-        key = self._layout_key()
+        key = self._layout_key(params)
         if self._buckets is not None and key == self._layout:
             self._readopt_flat()
             return self._buckets
@@ -483,8 +484,8 @@ class PreSAM(Optimizer):
         good = torch.isfinite(values) & (values >= 0) & (values <= self._rho_limit)
         return (~good).any().float()
 
-    def _check_grads(self):
-        if _host.any_sparse_grad(self._params()):
+    def _check_grads(self, params):
+        if _host.any_sparse_grad(params):
             raise RuntimeError(
                 "sharpness-aware optimizers do not support sparse gradients; "
                 "use dense gradients (e.g. nn.Embedding(..., sparse=False))"
@@ -511,8 +512,9 @@ class PreSAM(Optimizer):
                 "after the second backward before the next first_step()"
             )
         rhos, group_perturbed = self._group_rhos()
-        self._check_grads()
-        buckets = self._ensure_buckets()
+        params = self._params()
+        self._check_grads(params)
+        buckets = self._ensure_buckets(params)
         tables = [
             b.table(group_perturbed, out_of_place=self._out_of_place(b), merge=not self._bound_to_operands)
             for b in buckets
@@ -549,13 +551,13 @@ class PreSAM(Optimizer):
         )
         pending.switch_to_adversarial(buckets)
         if not self._bound_to_operands:
-            pending.storage = _host.data_addresses(self._params())
+            pending.storage = _host.data_addresses(params)
         self._pending = pending
 
     def _count_skip(self, skipped):
         if self.skipped_steps is None:
             self.skipped_steps = torch.zeros((), dtype=torch.int64, device=skipped.device)
-        self.skipped_steps += skipped.to(self.skipped_steps.device)
+        self.skipped_steps.add_(skipped.to(self.skipped_steps.device))
 
     @torch.no_grad()
     def _second_step(self, zero_grad: bool = False, grad_scaler=None):
@@ -576,7 +578,8 @@ class PreSAM(Optimizer):
                 "first_step() got grad_scaler but second_step() did not, so the base step would "
                 "use scaled gradients; pass the same GradScaler to both steps"
             )
-        if self._moved_since_first_step(pending):
+        params = self._params()
+        if self._moved_since_first_step(pending, params):
             raise RuntimeError(
                 "the parameters were moved, converted or replaced between first_step() and "
                 "second_step() (model.to(), p.data = ...), so x can no longer be restored in place; "
@@ -606,7 +609,7 @@ class PreSAM(Optimizer):
                 if zero_grad:
                     self.zero_grad()
                 return
-        if not self._fused_step(pending.tables, pending.group_perturbed):
+        if not self._fused_step(pending.tables, pending.group_perturbed, params):
             self._restore(pending)
             self._base_step()
         if zero_grad:
@@ -617,9 +620,9 @@ class PreSAM(Optimizer):
         if pending.perturbation is not None:
             self._backend.restore(pending.perturbation)
 
-    def _moved_since_first_step(self, pending) -> bool:
+    def _moved_since_first_step(self, pending, params=None) -> bool:
         # Bound to torch.compile's operands, the parameters point at the op's copies: not a move.
-        return not self._bound_to_operands and pending.moved(self._params())
+        return not self._bound_to_operands and pending.moved(self._params() if params is None else params)
 
     def _out_of_place(self, bucket) -> bool:
         """Whether ``bucket`` is perturbed out of place this step."""
@@ -632,17 +635,18 @@ class PreSAM(Optimizer):
         threshold = _OUT_OF_PLACE_MIN_AVG.get(bucket.device.type)
         return threshold is not None and bucket.numel >= threshold * len(bucket.params)
 
-    def _fused_step(self, tables, perturbed) -> bool:
+    def _fused_step(self, tables, perturbed, params) -> bool:
         """restore + base step as one kernel per bucket, where the backend has
         one for these rows and ``base_update`` covers the base optimizer; False
-        (nothing done) otherwise."""
+        (nothing done) otherwise. ``params``: self._params()."""
         kind = base_update.covered(self.base_optimizer)
-        if kind is None or self._layout_key() != self._layout:
+        if kind is None or self._layout_key(params) != self._layout:
             return False
         buckets = self._buckets
         self._readopt_flat()
         now = [b.table(perturbed, out_of_place=t.out_of_place, merge=t.merged) for b, t in zip(buckets, tables)]
-        if any(n.offsets != t.offsets or n.lengths != t.lengths for n, t in zip(now, tables)):
+        if any(n.offsets is not t.offsets and (n.offsets != t.offsets or n.lengths != t.lengths)
+               for n, t in zip(now, tables)):
             return False  # the second pass's gradients cover other rows than the perturbation
         plans = []
 
