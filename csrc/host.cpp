@@ -319,19 +319,21 @@ int64_t data_address(PyObject* obj) {
   return ptr.cast<int64_t>();
 }
 
+// (identity, device, dtype) of a parameter: its part of the optimizer's layout key.
+void write_layout(PyObject* obj, size_t i, int64_t* w) {
+  TORCH_CHECK(THPVariable_Check(obj), "layout_key: parameter ", i, " is not a tensor");
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  w[0] = reinterpret_cast<int64_t>(obj);
+  w[1] = static_cast<int64_t>(t.device().type()) << 16 | static_cast<uint16_t>(t.device().index());
+  w[2] = static_cast<int64_t>(t.scalar_type());
+}
+
 // (identity, device, dtype) of every parameter, packed: the optimizer's layout
 // key, which only ever meets ==.
 py::bytes layout_key(const py::list& params) {
   std::string out(params.size() * 3 * sizeof(int64_t), '\0');
   int64_t* w = reinterpret_cast<int64_t*>(out.data());
-  for (size_t i = 0; i < params.size(); ++i, w += 3) {
-    PyObject* obj = PyList_GET_ITEM(params.ptr(), i);
-    TORCH_CHECK(THPVariable_Check(obj), "layout_key: parameter ", i, " is not a tensor");
-    const at::Tensor& t = THPVariable_Unpack(obj);
-    w[0] = reinterpret_cast<int64_t>(obj);
-    w[1] = static_cast<int64_t>(t.device().type()) << 16 | static_cast<uint16_t>(t.device().index());
-    w[2] = static_cast<int64_t>(t.scalar_type());
-  }
+  for (size_t i = 0; i < params.size(); ++i, w += 3) write_layout(PyList_GET_ITEM(params.ptr(), i), i, w);
   return py::bytes(out);
 }
 
@@ -353,13 +355,35 @@ py::object grad_of(PyObject* obj) {
   return py::reinterpret_borrow<py::object>(obj).attr("grad");
 }
 
+bool sparse_grad(PyObject* param) {
+  py::object grad = grad_of(param);
+  return THPVariable_Check(grad.ptr()) && THPVariable_Unpack(grad.ptr()).layout() == at::kSparse;
+}
+
 // Whether any parameter has a sparse (COO) gradient.
 bool any_sparse_grad(const py::list& params) {
   for (size_t i = 0; i < params.size(); ++i) {
-    py::object grad = grad_of(PyList_GET_ITEM(params.ptr(), i));
-    if (THPVariable_Check(grad.ptr()) && THPVariable_Unpack(grad.ptr()).layout() == at::kSparse) return true;
+    if (sparse_grad(PyList_GET_ITEM(params.ptr(), i))) return true;
   }
   return false;
+}
+
+// (layout_key, data_addresses, any_sparse_grad) of the parameters in one walk
+// over them: each walk costs ~30-100 ns a parameter, mostly cache misses on
+// the tensors' metadata.
+py::tuple scan_params(const py::list& params) {
+  const size_t n = params.size();
+  std::string key(n * 3 * sizeof(int64_t), '\0'), addresses(n * sizeof(int64_t), '\0');
+  int64_t* k = reinterpret_cast<int64_t*>(key.data());
+  int64_t* a = reinterpret_cast<int64_t*>(addresses.data());
+  bool sparse = false;
+  for (size_t i = 0; i < n; ++i, k += 3) {
+    PyObject* obj = PyList_GET_ITEM(params.ptr(), i);
+    write_layout(obj, i, k);
+    a[i] = data_address(obj);
+    sparse = sparse || sparse_grad(obj);
+  }
+  return py::make_tuple(py::bytes(key), py::bytes(addresses), sparse);
 }
 
 // (indices of the parameters that have a gradient as a tuple, those gradients as a list).
@@ -407,4 +431,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("data_addresses", &presam::data_addresses, py::arg("tensors"));
   m.def("any_sparse_grad", &presam::any_sparse_grad, py::arg("params"));
   m.def("rows_with_grads", &presam::rows_with_grads, py::arg("params"));
+  m.def("scan_params", &presam::scan_params, py::arg("params"));
 }

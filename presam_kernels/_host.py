@@ -3,6 +3,8 @@ in C++ where the extension is built (csrc/host.cpp), in Python otherwise.
 Each returns a value that only ever meets ``==`` with another of its kind."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from . import _extension
 
 # Whether the C++ scans and the Triton table cache run where the extension is
@@ -48,6 +50,21 @@ def any_sparse_grad(params) -> bool:
     if compiled is not None:
         return compiled.any_sparse_grad(params)
     return any(p.grad is not None and p.grad.is_sparse for p in params)
+
+
+class ParamScan(NamedTuple):
+    layout_key: object
+    data_addresses: object
+    any_sparse_grad: bool
+
+
+def scan_params(params) -> ParamScan:
+    """``layout_key``, ``data_addresses`` and ``any_sparse_grad`` of ``params``
+    in one walk over them (C++) where the extension is built."""
+    compiled = native()
+    if compiled is not None:
+        return ParamScan(*compiled.scan_params(params))
+    return ParamScan(layout_key(params), data_addresses(params), any_sparse_grad(params))
 
 
 def rows_with_grads(params):

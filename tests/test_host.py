@@ -93,3 +93,15 @@ def test_rows_with_grads_asks_a_subclass(path):
 
     t = torch.Tensor._make_subclass(WithGrad, torch.randn(3))
     assert _host.rows_with_grads([torch.randn(2), t]) == ((1,), ["its own"])
+
+
+def test_scan_params_is_the_three_scans_in_one(path):
+    params = make_params()
+    params[1].grad = torch.randn_like(params[1])
+    scan = _host.scan_params(params)
+    assert scan == (_host.layout_key(params), _host.data_addresses(params), False)
+    params[0].data = params[0].data.clone()  # another storage: the addresses change, the layout key does not
+    moved = _host.scan_params(params)
+    assert moved.layout_key == scan.layout_key and moved.data_addresses != scan.data_addresses
+    params[2].grad = torch.zeros_like(params[2]).to_sparse()
+    assert _host.scan_params(params).any_sparse_grad

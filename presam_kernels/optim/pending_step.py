@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import _host
 from ..buckets import local
 
 
@@ -59,9 +58,10 @@ class PendingStep:
             p.data = data
         self.switched = []
 
-    def moved(self, params) -> bool:
-        """Whether ``params`` were moved, converted or replaced since first_step."""
-        return self.storage is not None and _host.data_addresses(params) != self.storage
+    def moved(self, addresses) -> bool:
+        """Whether the parameters were moved, converted or replaced since
+        first_step: ``addresses``, their ``_host.data_addresses`` now, differ."""
+        return self.storage is not None and addresses != self.storage
 
     def restore_moved(self, buckets):
         """restore() after parameters were moved or replaced: x, from where

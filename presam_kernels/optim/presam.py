@@ -361,17 +361,17 @@ class PreSAM(Optimizer):
             return "weight" in name
         return p.ndim >= 2
 
-    def _layout_key(self, params=None):
-        # (id, device, dtype) per parameter; ``params``: self._params() where the caller has it
-        return _host.layout_key(self._params() if params is None else params)
+    def _layout_key(self):
+        return _host.layout_key(self._params())  # (id, device, dtype) per parameter
 
-    def _ensure_buckets(self, params=None):
+    def _ensure_buckets(self, layout_key=None):
         """The buckets, rebuilt when parameters were added or moved to another
         device or dtype (the EMA state travels with its parameter); with
-        flatten=True, a parameter or gradient found replaced is copied back in."""
+        flatten=True, a parameter or gradient found replaced is copied back in.
+        ``layout_key``: the caller's ``_layout_key()``, where it has it."""
         if self._step_pending() and self._buckets is not None:
             return self._buckets  # never re-laid out under a pending step: restore needs its tables
-        key = self._layout_key(params)
+        key = self._layout_key() if layout_key is None else layout_key
         if self._buckets is not None and key == self._layout:
             self._readopt_flat()
             return self._buckets
@@ -484,8 +484,8 @@ class PreSAM(Optimizer):
         good = torch.isfinite(values) & (values >= 0) & (values <= self._rho_limit)
         return (~good).any().float()
 
-    def _check_grads(self, params):
-        if _host.any_sparse_grad(params):
+    def _check_grads(self, scan):
+        if scan.any_sparse_grad:
             raise RuntimeError(
                 "sharpness-aware optimizers do not support sparse gradients; "
                 "use dense gradients (e.g. nn.Embedding(..., sparse=False))"
@@ -513,8 +513,9 @@ class PreSAM(Optimizer):
             )
         rhos, group_perturbed = self._group_rhos()
         params = self._params()
-        self._check_grads(params)
-        buckets = self._ensure_buckets(params)
+        scan = _host.scan_params(params)
+        self._check_grads(scan)
+        buckets = self._ensure_buckets(scan.layout_key)
         tables = [
             b.table(group_perturbed, out_of_place=self._out_of_place(b), merge=not self._bound_to_operands)
             for b in buckets
@@ -578,8 +579,8 @@ class PreSAM(Optimizer):
                 "first_step() got grad_scaler but second_step() did not, so the base step would "
                 "use scaled gradients; pass the same GradScaler to both steps"
             )
-        params = self._params()
-        if self._moved_since_first_step(pending, params):
+        scan = _host.scan_params(self._params())  # before switch_back: where first_step left them
+        if self._moved_since_first_step(pending, scan.data_addresses):
             raise RuntimeError(
                 "the parameters were moved, converted or replaced between first_step() and "
                 "second_step() (model.to(), p.data = ...), so x can no longer be restored in place; "
@@ -609,7 +610,7 @@ class PreSAM(Optimizer):
                 if zero_grad:
                     self.zero_grad()
                 return
-        if not self._fused_step(pending.tables, pending.group_perturbed, params):
+        if not self._fused_step(pending.tables, pending.group_perturbed, scan.layout_key):
             self._restore(pending)
             self._base_step()
         if zero_grad:
@@ -620,9 +621,12 @@ class PreSAM(Optimizer):
         if pending.perturbation is not None:
             self._backend.restore(pending.perturbation)
 
-    def _moved_since_first_step(self, pending, params=None) -> bool:
+    def _moved_since_first_step(self, pending, addresses=None) -> bool:
+        """``addresses``: the parameters' ``_host.data_addresses`` now, where the caller has them."""
         # Bound to torch.compile's operands, the parameters point at the op's copies: not a move.
-        return not self._bound_to_operands and pending.moved(self._params() if params is None else params)
+        if self._bound_to_operands:
+            return False
+        return pending.moved(_host.data_addresses(self._params()) if addresses is None else addresses)
 
     def _out_of_place(self, bucket) -> bool:
         """Whether ``bucket`` is perturbed out of place this step."""
@@ -635,12 +639,12 @@ class PreSAM(Optimizer):
         threshold = _OUT_OF_PLACE_MIN_AVG.get(bucket.device.type)
         return threshold is not None and bucket.numel >= threshold * len(bucket.params)
 
-    def _fused_step(self, tables, perturbed, params) -> bool:
+    def _fused_step(self, tables, perturbed, layout_key) -> bool:
         """restore + base step as one kernel per bucket, where the backend has
         one for these rows and ``base_update`` covers the base optimizer; False
-        (nothing done) otherwise. ``params``: self._params()."""
+        (nothing done) otherwise. ``layout_key``: ``_layout_key()``."""
         kind = base_update.covered(self.base_optimizer)
-        if kind is None or self._layout_key(params) != self._layout:
+        if kind is None or layout_key != self._layout:
             return False
         buckets = self._buckets
         self._readopt_flat()
