@@ -264,7 +264,9 @@ class Bucket:
         from torch.distributed.tensor import DTensor
 
         p = self.params[i]
-        return DTensor.from_local(shard, layout.mesh, layout.placements, run_check=False, shape=p.shape, stride=p.stride())
+        return DTensor.from_local(
+            shard, layout.mesh, layout.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
 
     # -- flatten=True ----------------------------------------------------
     def _flatten_params(self):

@@ -296,7 +296,8 @@ def test_infosam_direction_matches_float64_oracle():
     assert_close(got, norm, 0.0, 1e-5, "norm of u' = delta u")
     for k, (p, x, ui) in enumerate(zip(params, x0, u)):
         assert_close(p, x + rho * ui / (norm + spec.eps_norm * delta), 1e-6, 1e-5, f"param {k}")
-        assert_close(buckets[0].layout.view(buckets[0].buffers.grad_ema, k), g[k] + alpha * (m[k] - g[k]), 1e-6, 1e-5, f"EMA {k}")
+        assert_close(buckets[0].layout.view(buckets[0].buffers.grad_ema, k), g[k] + alpha * (m[k] - g[k]),
+                     1e-6, 1e-5, f"EMA {k}")
 
 
 # -- layouts -----------------------------------------------------------------

@@ -82,7 +82,9 @@ def test_cuda_graph_capture_replays_perturb_and_restore(spec):
         eager.restore(ref)
         assert torch.equal(buckets[0].buffers.flat_param.view(torch.int32), before.view(torch.int32))
         if spec.objective.has_state:
-            torch.testing.assert_close(buckets[0].buffers.grad_ema, ref_buckets[0].buffers.grad_ema, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(
+                buckets[0].buffers.grad_ema, ref_buckets[0].buffers.grad_ema, rtol=1e-5, atol=1e-7
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
