@@ -176,10 +176,6 @@ class BucketBuffers:
     flatten=True, ``flat_param`` and ``flat_grad``, which the parameters and
     their gradients themselves live in."""
 
-    # Slots: a write to a name that is not a buffer fails instead of adding one.
-    __slots__ = ("layout", "backup", "adversarial", "grad_ema", "flat_param", "flat_grad", "base_state",
-                 "_base_state_views", "_views")
-
     def __init__(self, layout: BucketLayout):
         self.layout = layout
         self.backup: torch.Tensor | None = None
@@ -242,8 +238,6 @@ class Bucket:
     flat buffers and the ``buffers`` themselves; with ``flatten=True`` it
     keeps the parameters and gradients inside ``buffers.flat_param`` and
     ``buffers.flat_grad``.  Compared by identity (backends cache per bucket)."""
-
-    __slots__ = ("params", "layout", "buffers", "flatten", "__weakref__")
 
     def __init__(self, params: list, layout: BucketLayout, flatten: bool):
         self.params = params
