@@ -179,14 +179,14 @@ def plan(kind: str, optimizer, buckets, state) -> Plan | None:
         for i, p in enumerate(bucket.params):
             if p.grad is None:
                 continue
-            k = bucket.group_index[i]
+            k = bucket.layout.group_index[i]
             group = groups[k]
             entry = state[p]
             if kind == SGD:
                 if group["momentum"] == 0:
                     continue
-                views = bucket.ensure_base_state("momentum_buffer")
-                flats["momentum_buffer"] = bucket.base_state["momentum_buffer"]
+                views = bucket.buffers.ensure_base_state("momentum_buffer")
+                flats["momentum_buffer"] = bucket.buffers.base_state["momentum_buffer"]
                 buf = entry.get("momentum_buffer")
                 starts = buf is None
                 if first[k] is None:
@@ -203,8 +203,8 @@ def plan(kind: str, optimizer, buckets, state) -> Plan | None:
                 out.watched.append((p, entry, (buf,)))
             else:
                 if views is None:
-                    views = {key: bucket.ensure_base_state(key) for key in STATE_KEYS[ADAM]}
-                    flats.update({key: bucket.base_state[key] for key in STATE_KEYS[ADAM]})
+                    views = {key: bucket.buffers.ensure_base_state(key) for key in STATE_KEYS[ADAM]}
+                    flats.update({key: bucket.buffers.base_state[key] for key in STATE_KEYS[ADAM]})
                 step = entry.get("step")
                 if step is None:
                     step = torch.tensor(0.0, dtype=torch.float32)  # where torch keeps it (capturable off)
@@ -369,4 +369,4 @@ def _adam_row(group, step_before):
 
 def views_of_ours(buckets) -> set:
     """Storage addresses of every flat base-state buffer (for state_dict copies)."""
-    return {flat.untyped_storage().data_ptr() for b in buckets for flat in b.base_state.values()}
+    return {flat.untyped_storage().data_ptr() for b in buckets for flat in b.buffers.base_state.values()}

@@ -1,26 +1,27 @@
 """What the backends iterate over (docs/design.md §2).
 
-A bucket holds every parameter of one (device, dtype): a fixed slice of the
-optimizer's own flat buffers per parameter (the backup, or with out-of-place
-perturbation the adversarial point, in the parameter's dtype; the fp32 EMA
-state; the base optimizer's state when its update is fused), and, with
-``flatten=True``, the parameters and their gradients too.  Each step the optimizer asks the bucket for a ``Table``:
-the rows that take part in that step (parameters that have a gradient), with
-the tensors, lengths, offsets and per-row metadata a backend needs.  Rows that
-are adjacent in every flat buffer are merged, so a flattened bucket with one
-param group is a single row.
+A bucket holds every parameter of one (device, dtype, mesh).  Its
+``BucketLayout`` says, once and for all, where each parameter's slice lies
+in a flat buffer (offset, shape, strides) and which param group and weight
+flag it has; its ``BucketBuffers`` are the optimizer's own flat buffers laid
+out that way (the backup, or with out-of-place perturbation the adversarial
+point, in the parameter's dtype; the fp32 EMA state; the base optimizer's
+state when its update is fused) and, with ``flatten=True``, the flat
+buffers the parameters and their gradients live in.  Each step the optimizer
+asks the bucket for a ``Table``: the rows that take part in that step
+(parameters that have a gradient), with the tensors, lengths, offsets and
+per-row metadata a backend needs.  Rows that are adjacent in every flat
+buffer are merged, so a flattened bucket with one param group is a single
+row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from . import _host
 
-# Table layouts (every list of a table but the gradients) kept per bucket,
-# keyed by which parameters have a gradient: a few, for steps that alternate.
-TABLE_LAYOUTS_PER_BUCKET = 8
 # Slices start on multiples of this many elements (64 B for fp32, 32 B for
 # bf16) so that every slice address is 16-byte aligned for vectorised loads.
 SLICE_ALIGN = 16
@@ -66,6 +67,9 @@ def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
 # each other, and the C++ table check can trust one it has seen.
 _ROW_FIELDS = ("params", "backups", "adversarials", "grad_emas", "offsets", "lengths", "group_index", "is_weight",
                "perturbed")
+# Table layouts (every field of a table but the gradients) kept per bucket,
+# keyed by which parameters have a gradient: a few, for steps that alternate.
+TABLE_LAYOUTS_PER_BUCKET = 8
 
 
 @dataclass
@@ -105,74 +109,71 @@ class Table:
         return len(self.params)
 
     def with_grads(self, grads) -> "Table":
-        """This table with ``grads`` as its gradients (the other lists shared)."""
+        """This table with ``grads`` as its gradients (the other fields shared)."""
         table = Table.__new__(Table)
         table.__dict__.update(self.__dict__)
         table.grads = grads
         return table
 
 
-@dataclass(eq=False)
-class Bucket:
+@dataclass(frozen=True, eq=False)
+class BucketLayout:
+    """Where each parameter of a bucket lives in the bucket's flat buffers,
+    fixed when the bucket is built: parameter i's slice starts at
+    ``offsets[i]`` and holds ``numels[i]`` elements shaped ``shapes[i]`` with
+    ``strides[i]``; every flat buffer holds ``flat_numel`` elements (gaps
+    included).  ``group_index``/``is_weight`` are each parameter's param
+    group and ASAM weight flag; ``mesh``/``placements`` those of DTensor
+    parameters (None for plain tensors)."""
+
     device: torch.device
     dtype: torch.dtype
-    params: list
-    group_index: list
-    is_weight: list
-    flatten: bool
-    mesh: object = None  # DTensor parameters: their device mesh and placements
+    shapes: tuple
+    strides: tuple
+    offsets: tuple
+    numels: tuple
+    flat_numel: int
+    group_index: tuple
+    is_weight: tuple
+    mesh: object = None
     placements: tuple | None = None
-    shapes: list = field(default_factory=list)
-    strides: list = field(default_factory=list)
-    offsets: list = field(default_factory=list)
-    numel: int = 0
-    numels: list = field(default_factory=list)  # elements per parameter
-    backup: torch.Tensor | None = None
-    grad_ema: torch.Tensor | None = None
-    flat_param: torch.Tensor | None = None
-    flat_grad: torch.Tensor | None = None
-    adversarial: torch.Tensor | None = None
-    # Per-parameter views of flat buffers, made once per buffer: a view costs
-    # ~2 us, and a step needs up to three per parameter (GPT-2 medium set,
-    # 292 tensors: the step's table took 0.77 ms of host time, 0.1 ms cached).
-    _views: dict = field(default_factory=dict, repr=False)
-    # The base optimizer's state kept flat when its update is fused
-    # (base_update.py): key (torch's state key) -> flat buffer, and the
-    # per-parameter views handed out as optimizer.state[p][key].
-    base_state: dict = field(default_factory=dict)
-    base_views: dict = field(default_factory=dict)
-    # table()'s layouts, by (rows with a gradient, its arguments), most recent last.
-    _table_layouts: dict = field(default_factory=dict, repr=False)
 
-    def __post_init__(self):
+    @classmethod
+    def of(cls, params, group_index, is_weight, device, dtype, mesh=None, placements=None) -> BucketLayout:
+        """The layout of ``params`` (their local shards), in order."""
+        shapes, strides, offsets, numels = [], [], [], []
         offset = 0
-        for p in self.params:
+        for p in params:
             shard = local(p)
-            self.shapes.append(shard.shape)
-            self.numels.append(shard.numel())
-            self.strides.append(_dense_strides(shard))
-            self.offsets.append(offset)
+            shapes.append(shard.shape)
+            numels.append(shard.numel())
+            strides.append(_dense_strides(shard))
+            offsets.append(offset)
             offset = _round_up(offset + shard.numel(), SLICE_ALIGN)
-        self.numel = offset
-        if self.flatten:
-            if self.mesh is not None:
-                raise ValueError("flatten=True does not support DTensor (FSDP2) parameters; use flatten=False")
-            self._flatten_params()
+        return cls(
+            device=device,
+            dtype=dtype,
+            shapes=tuple(shapes),
+            strides=tuple(strides),
+            offsets=tuple(offsets),
+            numels=tuple(numels),
+            flat_numel=offset,
+            group_index=tuple(group_index),
+            is_weight=tuple(is_weight),
+            mesh=mesh,
+            placements=placements,
+        )
 
-    # -- views -----------------------------------------------------------
+    def __len__(self):
+        return len(self.offsets)
+
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         """Parameter i's slice of ``flat``, shaped and strided like the parameter."""
         return flat.as_strided(self.shapes[i], self.strides[i], flat.storage_offset() + self.offsets[i])
 
-    def state_view(self, flat: torch.Tensor, i: int):
-        """As ``view``, wrapped as a DTensor sharded like the parameter when it is one."""
-        shard = self.view(flat, i)
-        if self.mesh is None:
-            return shard
-        from torch.distributed.tensor import DTensor
-
-        p = self.params[i]
-        return DTensor.from_local(shard, self.mesh, self.placements, run_check=False, shape=p.shape, stride=p.stride())
+    def mergeable(self, i: int, j: int) -> bool:
+        """Whether parameters i and j may share a merged row: same group and weight flag."""
+        return self.group_index[i] == self.group_index[j] and self.is_weight[i] == self.is_weight[j]
 
     def sum_over_mesh(self, local_sum: torch.Tensor) -> torch.Tensor:
         """Sum a per-rank partial over the mesh dims the parameters are sharded
@@ -182,10 +183,35 @@ class Bucket:
         placements = [Partial("sum") if pl.is_shard() else Replicate() for pl in self.placements]
         return DTensor.from_local(local_sum, self.mesh, placements, run_check=False).full_tensor()
 
+
+class BucketBuffers:
+    """The optimizer's own flat buffers of one bucket, each laid out by the
+    bucket's ``BucketLayout`` and made on first use: ``backup`` (x, in place)
+    or ``adversarial`` (x + e, out of place), in the parameter dtype;
+    ``grad_ema`` (fp32); ``base_state[key]``, the base optimizer's state
+    under torch's key when its update is fused (base_update.py); and with
+    flatten=True, ``flat_param`` and ``flat_grad``, which the parameters and
+    their gradients themselves live in."""
+
+    def __init__(self, layout: BucketLayout):
+        self.layout = layout
+        self.backup: torch.Tensor | None = None
+        self.adversarial: torch.Tensor | None = None
+        self.grad_ema: torch.Tensor | None = None
+        self.flat_param: torch.Tensor | None = None
+        self.flat_grad: torch.Tensor | None = None
+        self.base_state: dict = {}
+        # The per-parameter views handed out as optimizer.state[p][key].
+        self._base_state_views: dict = {}
+        # Per-parameter views of flat buffers, made once per buffer: a view costs
+        # ~2 us, and a step needs up to three per parameter (GPT-2 medium set,
+        # 292 tensors: the step's table took 0.77 ms of host time, 0.1 ms cached).
+        self._views: dict = {}
+
     def new_flat(self, dtype=None) -> torch.Tensor:
         # Zeros, not empty: the gaps between slices must stay harmless
         # (zero gradient, zero parameter) because merged rows cover them.
-        return torch.zeros(self.numel, dtype=dtype or self.dtype, device=self.device)
+        return torch.zeros(self.layout.flat_numel, dtype=dtype or self.layout.dtype, device=self.layout.device)
 
     def ensure_backup(self):
         if self.backup is None:
@@ -197,11 +223,25 @@ class Bucket:
             self.adversarial = self.new_flat()
         return self.adversarial
 
+    def ensure_grad_ema(self):
+        if self.grad_ema is None:
+            self.grad_ema = self.new_flat(torch.float32)
+        return self.grad_ema
+
+    def ensure_base_state(self, key: str) -> list:
+        """The per-parameter views (parameter dtype, zeros when new) of the flat
+        buffer holding the base optimizer's state ``key``."""
+        if key not in self.base_state:
+            flat = self.new_flat()
+            self.base_state[key] = flat
+            self._base_state_views[key] = [self.layout.view(flat, i) for i in range(len(self.layout))]
+        return self._base_state_views[key]
+
     def views(self, flat: torch.Tensor) -> list:
-        """Every parameter's ``view`` of ``flat``, made once per buffer."""
+        """Every parameter's ``BucketLayout.view`` of ``flat``, made once per buffer."""
         entry = self._views.get(id(flat))
         if entry is None or entry[0] is not flat:  # the entry holds flat, so its id is not reused
-            entry = (flat, [self.view(flat, i) for i in range(len(self.params))])
+            entry = (flat, [self.layout.view(flat, i) for i in range(len(self.layout))])
             self._views[id(flat)] = entry
         return entry[1]
 
@@ -210,31 +250,49 @@ class Bucket:
         return self.views(self.adversarial)[i]
 
 
-    def ensure_base_state(self, key: str) -> list:
-        """The per-parameter views (parameter dtype, zeros when new) of the flat
-        buffer holding the base optimizer's state ``key``."""
-        if key not in self.base_state:
-            flat = self.new_flat()
-            self.base_state[key] = flat
-            self.base_views[key] = [self.view(flat, i) for i in range(len(self.params))]
-        return self.base_views[key]
+class Bucket:
+    """The parameters of one (device, dtype, mesh), their ``layout`` in the
+    flat buffers and the ``buffers`` themselves; with ``flatten=True`` it
+    keeps the parameters and gradients inside ``buffers.flat_param`` and
+    ``buffers.flat_grad``.  Compared by identity (backends cache per bucket)."""
 
-    def ensure_grad_ema(self):
-        if self.grad_ema is None:
-            self.grad_ema = self.new_flat(torch.float32)
-        return self.grad_ema
+    def __init__(self, params: list, layout: BucketLayout, flatten: bool):
+        self.params = params
+        self.layout = layout
+        self.buffers = BucketBuffers(layout)
+        self.flatten = flatten
+        # table()'s layouts, by (rows with a gradient, its arguments), most recent last.
+        self._table_layouts = {}
+        if flatten:
+            if layout.mesh is not None:
+                raise ValueError("flatten=True does not support DTensor (FSDP2) parameters; use flatten=False")
+            self._flatten_params()
+
+    def state_view(self, flat: torch.Tensor, i: int):
+        """As ``BucketLayout.view``, wrapped as a DTensor sharded like the parameter when it is one."""
+        layout = self.layout
+        shard = layout.view(flat, i)
+        if layout.mesh is None:
+            return shard
+        from torch.distributed.tensor import DTensor
+
+        p = self.params[i]
+        return DTensor.from_local(
+            shard, layout.mesh, layout.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
 
     # -- flatten=True ----------------------------------------------------
     def _flatten_params(self):
         """Re-point every parameter (and gradient) into one flat buffer each."""
-        self.flat_param = self.new_flat()
-        self.flat_grad = self.new_flat()
+        buffers, layout = self.buffers, self.layout
+        buffers.flat_param = buffers.new_flat()
+        buffers.flat_grad = buffers.new_flat()
         for i, p in enumerate(self.params):
-            view = self.view(self.flat_param, i)
+            view = layout.view(buffers.flat_param, i)
             view.copy_(p.detach())
             p.data = view
             if p.grad is not None:  # a missing gradient stays missing, as in torch
-                grad_view = self.view(self.flat_grad, i)
+                grad_view = layout.view(buffers.flat_grad, i)
                 grad_view.copy_(p.grad)
                 p.grad = grad_view
 
@@ -244,15 +302,16 @@ class Bucket:
         Returns False when the parameter moved to another device or dtype
         (the caller must rebuild the buckets)."""
         p = self.params[i]
-        if p.device != self.device or p.dtype != self.dtype:
+        layout, buffers = self.layout, self.buffers
+        if p.device != layout.device or p.dtype != layout.dtype:
             return False
-        view = self.view(self.flat_param, i)
+        view = layout.view(buffers.flat_param, i)
         if p.data_ptr() != view.data_ptr() or p.stride() != view.stride():
             view.copy_(p.detach())
             p.data = view
         g = p.grad
         if g is not None:
-            grad_view = self.view(self.flat_grad, i)
+            grad_view = layout.view(buffers.flat_grad, i)
             if g.data_ptr() != grad_view.data_ptr() or g.stride() != grad_view.stride():
                 grad_view.copy_(g)
                 p.grad = grad_view
@@ -266,11 +325,12 @@ class Bucket:
 
     def in_flat_buffers(self, i: int) -> bool:
         """flatten=True: whether parameter i and its gradient still live in the flat buffers."""
-        p = self.params[i]
-        if p.data_ptr() != self.flat_param.data_ptr() + self.offsets[i] * self.flat_param.element_size():
+        p, offset = self.params[i], self.layout.offsets[i]
+        flat_param, flat_grad = self.buffers.flat_param, self.buffers.flat_grad
+        if p.data_ptr() != flat_param.data_ptr() + offset * flat_param.element_size():
             return False
         g = p.grad
-        return g is None or g.data_ptr() == self.flat_grad.data_ptr() + self.offsets[i] * self.flat_grad.element_size()
+        return g is None or g.data_ptr() == flat_grad.data_ptr() + offset * flat_grad.element_size()
 
     def zero_flat_grad(self):
         """flatten=True: zero every gradient in one op and keep them allocated;
@@ -278,12 +338,12 @@ class Bucket:
         parameter that never had one keeps none (so it joins no step); nor
         does a frozen one (requires_grad off), which a kept zero gradient
         would let the base optimizer step on momentum alone."""
-        self.flat_grad.zero_()
+        self.buffers.flat_grad.zero_()
         for i, p in enumerate(self.params):
             if p.grad is not None and not p.requires_grad:
                 p.grad = None
             elif p.grad is not None and not self.in_flat_buffers(i):
-                p.grad = self.view(self.flat_grad, i)
+                p.grad = self.layout.view(self.buffers.flat_grad, i)
 
     # -- the per-step table ---------------------------------------------
     def table(self, group_perturbed, out_of_place: bool = False, merge: bool = True) -> Table:
@@ -298,11 +358,12 @@ class Bucket:
         step's tables took ~50 us of host time for ResNet-50's 161 tensors,
         bench/RESULTS.md "CPU (host)"); the gradients are this step's own."""
         rows, grads = _host.rows_with_grads(self.params)  # a scan in C++ where the extension is built
-        if self.mesh is not None:  # DTensor: the local shards are new tensors each time
+        if self.layout.mesh is not None:  # DTensor: the local shards are new tensors each time
             return self._new_table(rows, grads, group_perturbed, out_of_place, merge)
-        saved = self.ensure_adversarial() if out_of_place else self.ensure_backup()
+        buffers = self.buffers
+        saved = buffers.ensure_adversarial() if out_of_place else buffers.ensure_backup()
         # The buffers by identity: the layout's views of them keep them alive.
-        key = (rows, tuple(group_perturbed), out_of_place, merge, id(saved), id(self.grad_ema))
+        key = (rows, tuple(group_perturbed), out_of_place, merge, id(saved), id(buffers.grad_ema))
         layout = self._table_layouts.get(key)
         if layout is None:
             layout = self._new_table(rows, None, group_perturbed, out_of_place, merge)
@@ -314,63 +375,62 @@ class Bucket:
     def _new_table(self, rows, grads, group_perturbed, out_of_place, merge) -> Table:
         if self.flatten and merge:
             return self._merged_table(rows, group_perturbed, out_of_place)
-        ema = self.grad_ema
-        saved = self.views(self.ensure_adversarial() if out_of_place else self.ensure_backup())
+        layout, buffers = self.layout, self.buffers
+        ema = buffers.grad_ema
+        saved = buffers.views(buffers.ensure_adversarial() if out_of_place else buffers.ensure_backup())
         views = tuple(saved[i] for i in rows)
         params = tuple(self.params[i] for i in rows)
-        if self.mesh is not None:
+        if layout.mesh is not None:
             params, grads = tuple(local(p) for p in params), [local(g) for g in grads]
-        emas = None if ema is None else self.views(ema)
+        emas = None if ema is None else buffers.views(ema)
         return Table(
             params=params,
             grads=grads,
             backups=None if out_of_place else views,
             adversarials=views if out_of_place else None,
             grad_emas=None if ema is None else tuple(emas[i] for i in rows),
-            offsets=tuple(self.offsets[i] for i in rows),
-            lengths=tuple(self.numels[i] for i in rows),
-            group_index=tuple(self.group_index[i] for i in rows),
-            is_weight=tuple(self.is_weight[i] for i in rows),
-            perturbed=tuple(group_perturbed[self.group_index[i]] for i in rows),
-            reduce_sum_of_squares=None if self.mesh is None else self.sum_over_mesh,
+            offsets=tuple(layout.offsets[i] for i in rows),
+            lengths=tuple(layout.numels[i] for i in rows),
+            group_index=tuple(layout.group_index[i] for i in rows),
+            is_weight=tuple(layout.is_weight[i] for i in rows),
+            perturbed=tuple(group_perturbed[layout.group_index[i]] for i in rows),
+            reduce_sum_of_squares=None if layout.mesh is None else layout.sum_over_mesh,
             members=rows,
         )
 
     def _merged_table(self, rows, group_perturbed, out_of_place=False) -> Table:
         """flatten=True: runs of consecutive parameters with the same group and
         weight flag become one 1-D row spanning the flat buffers."""
-        saved = self.ensure_adversarial() if out_of_place else self.ensure_backup()
+        layout, buffers = self.layout, self.buffers
+        saved = buffers.ensure_adversarial() if out_of_place else buffers.ensure_backup()
         runs = []  # [first_param, last_param]
         for i in rows:
-            if runs and runs[-1][1] == i - 1 and self._same_row_meta(runs[-1][1], i):
+            if runs and runs[-1][1] == i - 1 and layout.mergeable(runs[-1][1], i):
                 runs[-1][1] = i
             else:
                 runs.append([i, i])
-        table = Table([], [], [], None if self.grad_ema is None else [], [], [], [], [], [], merged=True)
+        table = Table([], [], [], None if buffers.grad_ema is None else [], [], [], [], [], [], merged=True)
         if out_of_place:
             table.adversarials = table.backups
         for first, last in runs:
-            start = self.offsets[first]
-            stop = self.offsets[last] + self.params[last].numel()
-            table.params.append(self.flat_param[start:stop])
-            table.grads.append(self.flat_grad[start:stop])
+            start = layout.offsets[first]
+            stop = layout.offsets[last] + self.params[last].numel()
+            table.params.append(buffers.flat_param[start:stop])
+            table.grads.append(buffers.flat_grad[start:stop])
             table.backups.append(saved[start:stop])
             if table.grad_emas is not None:
-                table.grad_emas.append(self.grad_ema[start:stop])
+                table.grad_emas.append(buffers.grad_ema[start:stop])
             table.offsets.append(start)
             table.lengths.append(stop - start)
-            table.group_index.append(self.group_index[first])
-            table.is_weight.append(self.is_weight[first])
-            table.perturbed.append(group_perturbed[self.group_index[first]])
+            table.group_index.append(layout.group_index[first])
+            table.is_weight.append(layout.is_weight[first])
+            table.perturbed.append(group_perturbed[layout.group_index[first]])
         if out_of_place:
             table.backups = None
         for name in _ROW_FIELDS:
             value = getattr(table, name)
             setattr(table, name, None if value is None else tuple(value))
         return table
-
-    def _same_row_meta(self, i, j):
-        return self.group_index[i] == self.group_index[j] and self.is_weight[i] == self.is_weight[j]
 
 
 def build_buckets(params, group_index, is_weight, flatten: bool) -> list:
@@ -386,16 +446,9 @@ def build_buckets(params, group_index, is_weight, flatten: bool) -> list:
     for (device, dtype, mesh, placements), members in by_key.items():
         if flatten:
             members.sort(key=lambda m: (m[1], not m[2]))
-        buckets.append(
-            Bucket(
-                device=device,
-                dtype=dtype,
-                params=[m[0] for m in members],
-                group_index=[m[1] for m in members],
-                is_weight=[m[2] for m in members],
-                flatten=flatten,
-                mesh=mesh,
-                placements=placements,
-            )
+        bucket_params = [m[0] for m in members]
+        layout = BucketLayout.of(
+            bucket_params, [m[1] for m in members], [m[2] for m in members], device, dtype, mesh, placements
         )
+        buckets.append(Bucket(bucket_params, layout, flatten))
     return buckets

@@ -49,7 +49,7 @@ def make_bucket(shapes=SHAPES, flatten=False, groups=None, ema=False):
     groups = groups or [0] * len(params)
     (bucket,) = build_buckets(params, groups, [p.ndim >= 2 for p in params], flatten)
     if ema:
-        bucket.ensure_grad_ema()
+        bucket.buffers.ensure_grad_ema()
     return params, bucket
 
 
@@ -197,9 +197,9 @@ def test_chunk_size_rebuilds(uploads):
 def test_saved_buffer_or_ema_reallocated_rebuilds(uploads):
     params, bucket = make_bucket(ema=True)
     check_current(bucket, bucket.table([True]))
-    bucket.backup = torch.zeros_like(bucket.backup)  # e.g. the bucket re-made its flat buffer
+    bucket.buffers.backup = torch.zeros_like(bucket.buffers.backup)  # e.g. the bucket re-made its flat buffer
     check_current(bucket, bucket.table([True]))
-    bucket.grad_ema = torch.zeros_like(bucket.grad_ema)
+    bucket.buffers.grad_ema = torch.zeros_like(bucket.buffers.grad_ema)
     check_current(bucket, bucket.table([True]))
     assert len(uploads) == 3
 

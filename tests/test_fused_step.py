@@ -251,12 +251,12 @@ def test_state_is_torch_keys_as_views_of_flat_buffers(flatten):
     opt = SAM(params, torch.optim.AdamW, rho=0.05, backend="triton", flatten=flatten, lr=1e-2)
     one_step(opt, params, curvature(params))
     bucket = opt._buckets[0]
-    flat = bucket.base_state["exp_avg"]
+    flat = bucket.buffers.base_state["exp_avg"]
     for i, p in enumerate(bucket.params):
         entry = opt.state[p]
         assert set(entry) == {"step", "exp_avg", "exp_avg_sq"}
         assert entry["exp_avg"].shape == p.shape and entry["exp_avg"].stride() == p.stride()
-        assert entry["exp_avg"].data_ptr() == flat.data_ptr() + bucket.offsets[i] * flat.element_size()
+        assert entry["exp_avg"].data_ptr() == flat.data_ptr() + bucket.layout.offsets[i] * flat.element_size()
 
 
 @MODES

@@ -34,7 +34,7 @@ def snapshot(opt, params):
     buffers = []
     for b in opt._buckets or []:
         for name in ("backup", "adversarial", "grad_ema", "flat_param", "flat_grad"):
-            t = getattr(b, name)
+            t = getattr(b.buffers, name)
             buffers.append(None if t is None else t.clone())
     return dict(
         params=[(p.detach().clone(), p.data_ptr()) for p in params],

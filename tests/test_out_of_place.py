@@ -114,7 +114,7 @@ def test_parameters_point_at_x_plus_e_for_the_second_pass_and_back(backend, flat
     b = batch(0)
     loss_of(model, b).backward()
     opt.first_step(zero_grad=True)
-    assert opt._buckets[0].backup is None, "out of place keeps no backup"
+    assert opt._buckets[0].buffers.backup is None, "out of place keeps no backup"
     for p, ptr, st, x0 in zip(params, storage, strides, x):
         assert p.data_ptr() != ptr and p.stride() == st
         assert not torch.equal(p.detach(), x0)

@@ -108,7 +108,7 @@ def make_problem(shapes, dtypes, flatten, spec, groups=None, seed=0, grads=None)
     buckets = build_buckets(params, group_index, [p.ndim >= 2 for p in params], flatten)
     if spec.objective.has_state:
         for b in buckets:
-            b.ensure_grad_ema().copy_(torch.randn(b.numel, generator=gen).to(DEVICE))
+            b.buffers.ensure_grad_ema().copy_(torch.randn(b.layout.flat_numel, generator=gen).to(DEVICE))
     return params, buckets
 
 
@@ -117,9 +117,9 @@ def run_perturb(backend, shapes, dtypes, flatten, spec, rhos=(0.05,), ema_ready=
     before = [p.detach().clone() for p in params]
     perturbed = [not (isinstance(r, float) and r == 0.0) for r in rhos]
     # Rows of a rho = 0 group are never written, their backup included.
-    backup_expected = [p.detach().clone() if perturbed[b.group_index[i]] else None
+    backup_expected = [p.detach().clone() if perturbed[b.layout.group_index[i]] else None
                        for b in buckets for i, p in enumerate(b.params)]
-    emas_before = [None if b.grad_ema is None else b.grad_ema.clone() for b in buckets]
+    emas_before = [None if b.buffers.grad_ema is None else b.buffers.grad_ema.clone() for b in buckets]
     tables = [b.table(perturbed) for b in buckets]
     result = backend.perturb(tables, buckets, spec, list(rhos), ema_ready, found_inf)
     norm, skipped = result.norm, result.skipped
@@ -128,9 +128,9 @@ def run_perturb(backend, shapes, dtypes, flatten, spec, rhos=(0.05,), ema_ready=
         skipped=skipped.clone(),
         params=[p.detach().clone() for p in params],
         before=before,
-        backups=[b.view(b.backup, i).clone() for b in buckets for i in range(len(b.params))],
+        backups=[b.layout.view(b.buffers.backup, i).clone() for b in buckets for i in range(len(b.params))],
         backup_params=backup_expected,
-        emas=[None if b.grad_ema is None else b.grad_ema.clone() for b in buckets],
+        emas=[None if b.buffers.grad_ema is None else b.buffers.grad_ema.clone() for b in buckets],
         emas_before=emas_before,
     )
     backend.restore(result)
@@ -288,7 +288,7 @@ def test_infosam_direction_matches_float64_oracle():
     params, buckets = make_problem(MIXED, torch.float32, False, spec)
     x0 = [p.detach().double().clone() for p in params]
     g = [p.grad.double() for p in params]
-    m = [buckets[0].view(buckets[0].grad_ema, i).double().clone() for i in range(len(params))]
+    m = [buckets[0].layout.view(buckets[0].buffers.grad_ema, i).double().clone() for i in range(len(params))]
     u = [gi / (1 + (alpha * (mi - gi)) ** 2 / delta) for gi, mi in zip(g, m)]
     norm = torch.sqrt(sum((ui**2).sum() for ui in u))
     tables = [b.table([True]) for b in buckets]
@@ -296,7 +296,8 @@ def test_infosam_direction_matches_float64_oracle():
     assert_close(got, norm, 0.0, 1e-5, "norm of u' = delta u")
     for k, (p, x, ui) in enumerate(zip(params, x0, u)):
         assert_close(p, x + rho * ui / (norm + spec.eps_norm * delta), 1e-6, 1e-5, f"param {k}")
-        assert_close(buckets[0].view(buckets[0].grad_ema, k), g[k] + alpha * (m[k] - g[k]), 1e-6, 1e-5, f"EMA {k}")
+        assert_close(buckets[0].layout.view(buckets[0].buffers.grad_ema, k), g[k] + alpha * (m[k] - g[k]),
+                     1e-6, 1e-5, f"EMA {k}")
 
 
 # -- layouts -----------------------------------------------------------------

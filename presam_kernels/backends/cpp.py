@@ -48,7 +48,8 @@ def _walkable(table, bucket) -> bool:
     """Whether the ops can walk every row of ``table``: a plain CPU tensor whose
     parameter and gradient have the strides of its slices of the flat buffers
     (checked in C++: ``presam_cpp::rows_are_linear``)."""
-    if bucket.device.type != "cpu" or bucket.mesh is not None or bucket.dtype not in KERNEL_DTYPES:
+    layout = bucket.layout
+    if layout.device.type != "cpu" or layout.mesh is not None or layout.dtype not in KERNEL_DTYPES:
         return False
     if table.merged:
         return True  # 1-D slices of the flat buffers themselves
@@ -78,7 +79,7 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=No
     "eager" where a row is not walkable (the whole call goes there)."""
     stateful = spec.objective.has_state
     if not all(_walkable(t, b) for t, b in zip(tables, buckets)) or (
-        stateful and any(b.grad_ema is None for b in buckets)
+        stateful and any(b.buffers.grad_ema is None for b in buckets)
     ):
         return eager.perturb(tables, buckets, spec, rhos, ema_ready, found_inf)
     ops = _ops()
@@ -87,7 +88,7 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=No
     active = [(t, b, _flags(t)) for t, b in zip(tables, buckets) if len(t)]
     total = 0.0  # sums of fixed chunks, added in a fixed order: the same bits on any thread count
     for table, bucket, flags in active:
-        ema = bucket.grad_ema if direction in (EMA, INFO) else None
+        ema = bucket.buffers.grad_ema if direction in (EMA, INFO) else None
         total += float(ops.sum_of_squares(table.params, table.grads, ema, table.offsets, flags, direction, *constants))
     norm = torch.tensor(total, dtype=torch.float32).sqrt()  # fp32, as eager and Triton: inf past FLT_MAX
     skipped = not bool(torch.isfinite(norm))
@@ -97,9 +98,9 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=No
     scale = 0.0 if skipped else float(1.0 / (norm + eps))
     rho_values = [float(r) for r in rhos]
     for table, bucket, flags in active:
-        ema = bucket.grad_ema if direction != GRADIENT else None
+        ema = bucket.buffers.grad_ema if direction != GRADIENT else None
         op = ops.perturb_out_of_place_ if table.out_of_place else ops.perturb_
-        saved = bucket.adversarial if table.out_of_place else bucket.backup
+        saved = bucket.buffers.adversarial if table.out_of_place else bucket.buffers.backup
         op(table.params, table.grads, saved, ema, table.offsets, table.group_index, flags, rho_values, scale,
            skipped, direction, *constants)
     return Perturbation(norm, torch.tensor(skipped), path=name, tables=list(tables), plans=list(buckets))
@@ -118,9 +119,9 @@ def restore(perturbation: Perturbation):
             continue
         rows = [i for i, p in enumerate(table.perturbed) if p]
         if len(rows) == len(table):
-            _ops().restore_(table.params, bucket.backup, table.offsets)
+            _ops().restore_(table.params, bucket.buffers.backup, table.offsets)
         elif rows:
-            _ops().restore_([table.params[i] for i in rows], bucket.backup, [table.offsets[i] for i in rows])
+            _ops().restore_([table.params[i] for i in rows], bucket.buffers.backup, [table.offsets[i] for i in rows])
 
 
 def restore_and_step(tables, buckets, prepare) -> bool:
@@ -142,7 +143,7 @@ def restore_and_step(tables, buckets, prepare) -> bool:
     for table, bucket, flats in zip(tables, buckets, update.state):
         if not len(table):
             continue
-        saved = bucket.adversarial if table.out_of_place else bucket.backup
+        saved = bucket.buffers.adversarial if table.out_of_place else bucket.buffers.backup
         state1 = flats.get(keys[0])  # SGD without momentum: none
         state2 = flats.get(keys[1]) if len(keys) > 1 else None
         ops.restore_step_(table.params, table.grads, saved, state1, state2, table.offsets, table.group_index,

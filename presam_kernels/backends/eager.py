@@ -277,13 +277,13 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=No
     Two passes over the batches: the norm, then c and u computed again (the
     same ops, so the same bits) to write x + e: recomputing costs less than
     keeping c u for the whole model (4-12 B per element) between the passes."""
-    device = buckets[0].device
+    device = buckets[0].layout.device
     if device.type == "cpu" and isinstance(ema_ready, torch.Tensor):
         ema_ready = bool(ema_ready)  # synchronous device: reading the flag stalls nothing
     partials, scratch = [], _Scratch()
-    pieces = [_piece(b.device) if _makes_temporaries(spec, b.dtype) else sys.maxsize for b in buckets]
+    pieces = [_piece(b.layout.device) if _makes_temporaries(spec, b.layout.dtype) else sys.maxsize for b in buckets]
     for table, bucket, piece in zip(tables, buckets, pieces):
-        row_device = table.params[0].device if len(table) else bucket.device
+        row_device = table.params[0].device if len(table) else bucket.layout.device
         norms = []  # per row or slice, as torch._foreach_norm gives them
         for batch in _batches(table, piece):
             norms += torch._foreach_norm(_terms(spec, batch, ema_ready, scratch)[1])

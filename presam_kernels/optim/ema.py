@@ -50,15 +50,15 @@ class EmaReady:
         for b in buckets:
             buffer = self._saved_ema.get(b)
             if buffer is None:
-                buffer = torch.empty_like(b.grad_ema)
+                buffer = torch.empty_like(b.buffers.grad_ema)
             saved[b] = buffer
-            buffer.copy_(b.grad_ema)
+            buffer.copy_(b.buffers.grad_ema)
         self._saved_ema = saved  # buckets rebuilt since drop out
-        return {device: self.flag(device).clone() for device in {b.device for b in buckets}}
+        return {device: self.flag(device).clone() for device in {b.layout.device for b in buckets}}
 
     def roll_back(self, buckets, flags: dict):
         """The EMA and its flags as ``save`` found them."""
         for b in buckets:
-            b.grad_ema.copy_(self._saved_ema[b])
+            b.buffers.grad_ema.copy_(self._saved_ema[b])
         for device, flag in flags.items():
             self.flag(device).copy_(flag)

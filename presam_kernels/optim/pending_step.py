@@ -48,9 +48,9 @@ class PendingStep:
             if not table.out_of_place:
                 continue
             for i, p in enumerate(bucket.params):
-                if p.grad is not None and self.group_perturbed[bucket.group_index[i]]:
+                if p.grad is not None and self.group_perturbed[bucket.layout.group_index[i]]:
                     self.switched.append((p, p.data))
-                    p.data = bucket.adversarial_view(i)
+                    p.data = bucket.buffers.adversarial_view(i)
 
     def switch_back(self):
         """Point every switched parameter at its own storage again (x, exactly)."""
@@ -72,8 +72,8 @@ class PendingStep:
             for i in _perturbed_members(bucket, table):
                 p = bucket.params[i]
                 if id(p) not in own:
-                    local(p.data).copy_(bucket.views(bucket.backup)[i])
-                elif p.data_ptr() == bucket.adversarial_view(i).data_ptr() and p.dtype == bucket.dtype:
+                    local(p.data).copy_(bucket.buffers.views(bucket.buffers.backup)[i])
+                elif p.data_ptr() == bucket.buffers.adversarial_view(i).data_ptr() and p.dtype == bucket.layout.dtype:
                     p.data = own[id(p)]  # this one was not moved: point it back
                 else:
                     local(p.data).copy_(own[id(p)])
@@ -87,5 +87,5 @@ def _perturbed_members(bucket, table):
     out = []
     for start, length, perturbed in zip(table.offsets, table.lengths, table.perturbed):
         if perturbed:
-            out += [i for i, offset in enumerate(bucket.offsets) if start <= offset < start + length]
+            out += [i for i, offset in enumerate(bucket.layout.offsets) if start <= offset < start + length]
     return out

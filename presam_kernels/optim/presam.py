@@ -410,10 +410,10 @@ class PreSAM(Optimizer):
             return
         with torch.no_grad():
             for bucket in self._buckets:
-                ema = bucket.ensure_grad_ema()
+                ema = bucket.buffers.ensure_grad_ema()
                 for i, p in enumerate(bucket.params):
                     if values and p in values:
-                        bucket.view(ema, i).copy_(local(values[p]))
+                        bucket.layout.view(ema, i).copy_(local(values[p]))
                     self.state[p][GRAD_EMA] = bucket.state_view(ema, i)
 
     @property
@@ -522,13 +522,13 @@ class PreSAM(Optimizer):
         ]
         scaler = amp.active(grad_scaler)
         found_inf = amp.unscale_first_pass(self, scaler, tables, self._backend) if scaler else None
-        bad_rho = self._bad_rho(rhos, buckets[0].device)
+        bad_rho = self._bad_rho(rhos, buckets[0].layout.device)
         if bad_rho is not None:
             found_inf = bad_rho if found_inf is None else found_inf + bad_rho.to(found_inf.device)
 
         stateful = self.preconditioner.objective.has_state
         ema_ready_before = self._ema_ready.save(buckets) if stateful and scaler is not None else None
-        ema_ready = self._ema_ready.for_step(buckets[0].device) if stateful else False
+        ema_ready = self._ema_ready.for_step(buckets[0].layout.device) if stateful else False
         # Buckets without a gradient this step (a frozen dtype) take no part: the backends assume rows.
         active = [k for k, t in enumerate(tables) if len(t)]
         perturbation = None
@@ -542,7 +542,7 @@ class PreSAM(Optimizer):
             if stateful:  # no gradient anywhere: nothing seen
                 self._ema_ready.note_step(skipped)
         else:
-            norm = torch.zeros((), dtype=torch.float32, device=buckets[0].device)
+            norm = torch.zeros((), dtype=torch.float32, device=buckets[0].layout.device)
             skipped = norm > 0 if found_inf is None else found_inf.reshape(()).to(norm.device) > 0
         self._count_skip(skipped)
         self.last_perturbation_norm = norm
@@ -630,14 +630,14 @@ class PreSAM(Optimizer):
 
     def _out_of_place(self, bucket) -> bool:
         """Whether ``bucket`` is perturbed out of place this step."""
-        if self.perturb_mode == "in_place" or bucket.mesh is not None or self._bound_to_operands:
+        if self.perturb_mode == "in_place" or bucket.layout.mesh is not None or self._bound_to_operands:
             # DTensor parameters: their .data is not ours to re-point; under
             # torch.compile the op's operands are only bound for one step.
             return False
         if self.perturb_mode == "out_of_place":
             return True
-        threshold = _OUT_OF_PLACE_MIN_AVG.get(bucket.device.type)
-        return threshold is not None and bucket.numel >= threshold * len(bucket.params)
+        threshold = _OUT_OF_PLACE_MIN_AVG.get(bucket.layout.device.type)
+        return threshold is not None and bucket.layout.flat_numel >= threshold * len(bucket.params)
 
     def _fused_step(self, tables, perturbed, layout_key) -> bool:
         """restore + base step as one kernel per bucket, where the backend has
@@ -935,8 +935,8 @@ class PreSAM(Optimizer):
         if self.preconditioner.objective.has_state:
             # What the checkpoint does not hold starts fresh, not from the previous run.
             for bucket in self._buckets:
-                if bucket.grad_ema is not None:
-                    bucket.grad_ema.zero_()
+                if bucket.buffers.grad_ema is not None:
+                    bucket.buffers.grad_ema.zero_()
             self._ema_ready.reset()
         # Saved keys are whatever the saved groups list (indices, or FQNs when
         # torch.distributed.checkpoint rekeyed them), in our parameters' order.

@@ -34,7 +34,7 @@ def flat_problem(shapes, dtype, spec, seed=0):
     buckets = build_buckets(params, [0] * len(params), [p.ndim >= 2 for p in params], flatten=True)
     if spec.objective.has_state:
         for b in buckets:
-            b.ensure_grad_ema().normal_(generator=gen)
+            b.buffers.ensure_grad_ema().normal_(generator=gen)
     return params, buckets
 
 
@@ -54,7 +54,7 @@ def test_cuda_graph_capture_replays_perturb_and_restore(spec):
     ref_params, ref_buckets = flat_problem(shapes, torch.float32, spec)
     ema_ready = torch.ones((), device=DEVICE)
     tables = [b.table([True]) for b in buckets]
-    perturbed = torch.empty_like(buckets[0].flat_param)
+    perturbed = torch.empty_like(buckets[0].buffers.flat_param)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up: compile, cache the device table and rho
@@ -66,23 +66,25 @@ def test_cuda_graph_capture_replays_perturb_and_restore(spec):
     with torch.cuda.graph(graph):
         done = triton_backend.perturb(tables, buckets, spec, [0.05], ema_ready)
         norm = done.norm
-        perturbed.copy_(buckets[0].flat_param)
+        perturbed.copy_(buckets[0].buffers.flat_param)
         triton_backend.restore(done)
     for step in range(3):
         gen = torch.Generator(device=DEVICE).manual_seed(100 + step)
-        new_grad = torch.randn(buckets[0].numel, generator=gen, device=DEVICE)
-        buckets[0].flat_grad.copy_(new_grad)
-        ref_buckets[0].flat_grad.copy_(new_grad)
-        before = buckets[0].flat_param.clone()
+        new_grad = torch.randn(buckets[0].layout.flat_numel, generator=gen, device=DEVICE)
+        buckets[0].buffers.flat_grad.copy_(new_grad)
+        ref_buckets[0].buffers.flat_grad.copy_(new_grad)
+        before = buckets[0].buffers.flat_param.clone()
         graph.replay()
         ref = eager.perturb(ref_tables, ref_buckets, spec, [0.05], ema_ready)
         ref_norm = ref.norm
         torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
-        torch.testing.assert_close(perturbed, ref_buckets[0].flat_param, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(perturbed, ref_buckets[0].buffers.flat_param, rtol=1e-5, atol=1e-6)
         eager.restore(ref)
-        assert torch.equal(buckets[0].flat_param.view(torch.int32), before.view(torch.int32))
+        assert torch.equal(buckets[0].buffers.flat_param.view(torch.int32), before.view(torch.int32))
         if spec.objective.has_state:
-            torch.testing.assert_close(buckets[0].grad_ema, ref_buckets[0].grad_ema, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(
+                buckets[0].buffers.grad_ema, ref_buckets[0].buffers.grad_ema, rtol=1e-5, atol=1e-7
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -104,8 +106,8 @@ def test_low_precision_params_round_to_nearest_on_hardware(dtype):
 def _big_step(numel, dtype):
     spec = Preconditioner()
     params, buckets = flat_problem([(numel,)], dtype, spec)
-    x0 = buckets[0].flat_param.clone()
-    g = buckets[0].flat_grad
+    x0 = buckets[0].buffers.flat_param.clone()
+    g = buckets[0].buffers.flat_grad
     tables = [b.table([True]) for b in buckets]
     done = triton_backend.perturb(tables, buckets, spec, [0.05], False)
     norm, skipped = done.norm, done.skipped
@@ -115,9 +117,9 @@ def _big_step(numel, dtype):
     # The last elements (beyond 2^31 bytes / elements) were perturbed as the first.
     for sl in (slice(0, 1024), slice(numel - 1024, numel)):
         expected = (x0[sl].float() + g[sl].float() * (0.05 / (ref_norm + 1e-12))).to(dtype)
-        torch.testing.assert_close(buckets[0].flat_param[sl].float(), expected.float(), rtol=2**-7, atol=1e-6)
+        torch.testing.assert_close(buckets[0].buffers.flat_param[sl].float(), expected.float(), rtol=2**-7, atol=1e-6)
     triton_backend.restore(done)
-    assert torch.equal(buckets[0].flat_param, x0)
+    assert torch.equal(buckets[0].buffers.flat_param, x0)
 
 
 def test_256m_element_flat_buffer_fp32():

@@ -50,7 +50,7 @@ def _device_tables(tables, buckets, chunk: int, needs_ema: bool = False):
         if not len(table):
             out.append(None)
             continue
-        if saved_buffer(bucket, table) is None or (needs_ema and bucket.grad_ema is None):
+        if saved_buffer(bucket, table) is None or (needs_ema and bucket.buffers.grad_ema is None):
             return None
         dev = device_table(bucket, table, chunk)
         if dev is None:
@@ -75,10 +75,10 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=No
     EMA <- m_new; a non-finite norm or ``found_inf`` > 0 writes only backup.
     The norm and skipped flag are 0-d fp32 and bool device tensors; the path
     is "eager" where the kernels cannot walk a row (the whole call goes there)."""
-    device = buckets[0].device
+    device = buckets[0].layout.device
     dev_tables = None
     stateful = spec.objective is not Objective.GRADIENT
-    if all(b.device == device for b in buckets) and supported_device(device):
+    if all(b.layout.device == device for b in buckets) and supported_device(device):
         programs, chunk, partials_block = launch_config(device)
         dev_tables = _device_tables(tables, buckets, chunk, needs_ema=stateful)
     if dev_tables is None:
@@ -105,7 +105,7 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=No
 
     def state(table, bucket):
         backup = saved_buffer(bucket, table)  # out of place: the adversarial buffer
-        return backup, bucket.grad_ema if stateful else backup  # the EMA is unused when stateless
+        return backup, bucket.buffers.grad_ema if stateful else backup  # the EMA is unused when stateless
 
     for k, (table, bucket, dev) in enumerate(active):
         backup, ema = state(table, bucket)
@@ -143,12 +143,12 @@ def restore_and_step(tables, buckets, prepare) -> bool:
 
     Returns False, having written nothing, where the kernels cannot walk the
     rows (the caller restores and steps the base optimizer instead)."""
-    device = buckets[0].device
-    if not (all(b.device == device for b in buckets) and supported_device(device)):
+    device = buckets[0].layout.device
+    if not (all(b.layout.device == device for b in buckets) and supported_device(device)):
         return False
     if len(tables) != len(buckets):
         return False
-    if any(b.dtype == torch.float64 for b in buckets):
+    if any(b.layout.dtype == torch.float64 for b in buckets):
         return False  # K4 computes in fp32 from fp32 hyperparameters: fp64 takes torch's own step
     programs, chunk, _ = launch_config(device)
     dev_tables = _device_tables(tables, buckets, chunk)

@@ -195,7 +195,7 @@ def _plain(t) -> bool:
 def saved_buffer(bucket, table):
     """The flat buffer K2 writes besides x: the adversarial buffer for an
     out-of-place table, else the backup."""
-    return bucket.adversarial if table.out_of_place else bucket.backup
+    return bucket.buffers.adversarial if table.out_of_place else bucket.buffers.backup
 
 
 def device_table(bucket, table, chunk: int) -> DeviceTable | None:
@@ -208,10 +208,10 @@ def device_table(bucket, table, chunk: int) -> DeviceTable | None:
             None if table.members is not None else (table.adversarials if table.out_of_place else table.backups),
             None if table.members is not None else table.grad_emas,
             table.offsets, table.lengths, table.group_index, table.is_weight, table.perturbed,
-            saved_buffer(bucket, table), bucket.grad_ema, chunk, functools.partial(_upload, bucket),
+            saved_buffer(bucket, table), bucket.buffers.grad_ema, chunk, functools.partial(_upload, bucket),
         )
     backup = saved_buffer(bucket, table)
-    ema = bucket.grad_ema
+    ema = bucket.buffers.grad_ema
     key = (
         chunk,
         backup.data_ptr(),
@@ -241,7 +241,8 @@ def _native_tables(bucket, compiled):
     found = _native_cache.get(bucket)
     if found is None:
         found = compiled.DeviceTables(
-            bucket.dtype, bucket.device, [list(s) for s in bucket.shapes], [list(s) for s in bucket.strides],
+            bucket.layout.dtype, bucket.layout.device, [list(s) for s in bucket.layout.shapes],
+            [list(s) for s in bucket.layout.strides],
             TABLES_PER_BUCKET,
         )
         _native_cache[bucket] = found
@@ -254,15 +255,16 @@ def _row_is_linear(bucket, table, i) -> bool:
     p, g = table.params[i], table.grads[i]
     if not (_plain(p) and _plain(g)):
         return False
-    if p.dtype != bucket.dtype or g.dtype != bucket.dtype or p.device != bucket.device or g.device != bucket.device:
+    layout = bucket.layout
+    if p.dtype != layout.dtype or g.dtype != layout.dtype or p.device != layout.device or g.device != layout.device:
         return False
     if table.members is not None:
         # A parameter's own row: its backup and EMA are the bucket's views of
         # it, laid out as the bucket's dense strides for it, so matching those
         # is the whole check (a fifth of the general one's host time).
         k = table.members[i]
-        stride = bucket.strides[k]
-        return p.shape == bucket.shapes[k] and g.shape == p.shape and p.stride() == stride and g.stride() == stride
+        stride = layout.strides[k]
+        return p.shape == layout.shapes[k] and g.shape == p.shape and p.stride() == stride and g.stride() == stride
     if p.shape != g.shape or p.numel() != table.lengths[i] or p.stride() != g.stride():
         return False
     if not _non_overlapping_and_dense(p):
@@ -273,7 +275,7 @@ def _row_is_linear(bucket, table, i) -> bool:
         return False
     if table.grad_emas is not None:
         m = table.grad_emas[i]
-        if m.stride() != p.stride() or m.data_ptr() != bucket.grad_ema.data_ptr() + table.offsets[i] * 4:
+        if m.stride() != p.stride() or m.data_ptr() != bucket.buffers.grad_ema.data_ptr() + table.offsets[i] * 4:
             return False
     return True
 
@@ -282,7 +284,8 @@ def _build(bucket, table, chunk: int) -> DeviceTable | None:
     rows = []
     chunk_start = 0
     flat = saved_buffer(bucket, table)
-    aligned = flat.data_ptr() % 16 == 0 and (bucket.grad_ema is None or bucket.grad_ema.data_ptr() % 16 == 0)
+    ema = bucket.buffers.grad_ema
+    aligned = flat.data_ptr() % 16 == 0 and (ema is None or ema.data_ptr() % 16 == 0)
     for i in range(len(table)):
         length = table.lengths[i]
         if length == 0:
@@ -302,10 +305,10 @@ def _upload(bucket, host, n_rows: int, aligned: bool, param_addresses: tuple) ->
     """A new device table from its host image ``host`` ([n_rows, ROW_WIDTH]
     int64): copied to the bucket's device without a host sync (from pinned
     memory, kept alive with it)."""
-    if bucket.device.type == "cuda":
+    if bucket.layout.device.type == "cuda":
         host = host.pin_memory()
     return DeviceTable(
-        rows=host.to(bucket.device, non_blocking=True),
+        rows=host.to(bucket.layout.device, non_blocking=True),
         n_rows=n_rows,
         aligned=aligned,
         param_addresses=param_addresses,
@@ -384,6 +387,6 @@ def partials_buffer(owner, n: int) -> torch.Tensor:
     first bucket); every K1 program writes its slot, so it is never cleared."""
     buf = _partials.get(owner)
     if buf is None or buf.numel() < n:
-        buf = torch.empty(n, dtype=torch.float32, device=owner.device)
+        buf = torch.empty(n, dtype=torch.float32, device=owner.layout.device)
         _partials[owner] = buf
     return buf
