@@ -150,14 +150,18 @@ class DeviceTables {
     if (same) return static_rows_;
     const size_t n = py::len(offsets);
     const bool by_member = !members.is_none();
+    PyObject** offset_items = items(offsets, "offsets");
+    PyObject** length_items = items(lengths, "lengths");
+    PyObject** group_items = items(groups, "groups");
+    PyObject** weight_items = items(is_weight, "is_weight");
+    PyObject** perturbed_items = items(perturbed, "perturbed");
+    PyObject** member_items = by_member ? items(members, "members") : nullptr;
     std::vector<StaticRow> rows;
     rows.reserve(n);
     for (size_t r = 0; r < n; ++r) {
-      auto item = [&](const py::object& seq) { return py::reinterpret_borrow<py::object>(seq[py::int_(r)]); };
-      rows.push_back({item(offsets).cast<int64_t>(), item(lengths).cast<int64_t>(), item(groups).cast<int64_t>(),
-                      (as_bool(item(is_weight).ptr()) ? kFlagWeight : 0) |
-                          (as_bool(item(perturbed).ptr()) ? kFlagPerturbed : 0),
-                      by_member ? item(members).cast<int64_t>() : -1});
+      rows.push_back({as_int(offset_items[r]), as_int(length_items[r]), as_int(group_items[r]),
+                      (as_bool(weight_items[r]) ? kFlagWeight : 0) | (as_bool(perturbed_items[r]) ? kFlagPerturbed : 0),
+                      by_member ? as_int(member_items[r]) : -1});
     }
     static_rows_ = std::move(rows);
     static_numbers_ = numbers;

@@ -358,6 +358,7 @@ class Bucket:
         step's tables took ~50 us of host time for ResNet-50's 161 tensors,
         bench/RESULTS.md "CPU (host)"); the gradients are this step's own."""
         rows, grads = _host.rows_with_grads(self.params)  # a scan in C++ where the extension is built
+        merge = merge and self.flatten  # one layout for both spellings of "one row per parameter"
         if self.layout.mesh is not None:  # DTensor: the local shards are new tensors each time
             return self._new_table(rows, grads, group_perturbed, out_of_place, merge)
         buffers = self.buffers
