@@ -40,6 +40,9 @@ SHAPES = {
     "size7": [((7,), None)],
     "size4097": [((LARGE,), None)],
     "mixed": [((3, 5), None), ((7,), None), ((1,), None), ((4, 3, 3, 5), CL), ((LARGE,), None), ((2, 1, 3), None)],
+    # mixed without a LARGE row, for tests that run many interpreted fused steps
+    # (300: two of the interpreter's 256-element chunks, the second masked).
+    "mixed_small": [((7,), None), ((33, 5), None), ((300,), None), ((1,), None)],
 }
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # set by tests/conftest.py
 # The interpreter dereferences host addresses, compiled kernels device ones.
@@ -115,6 +118,38 @@ def assert_bits_equal(actual, expected, what=""):
             f"{what}: {int(diff.sum())} of {a.numel()} elements differ bitwise; first at flat index {k}: "
             f"actual {float(actual.reshape(-1)[k])!r}, expected {float(expected.reshape(-1)[k])!r}"
         )
+
+
+def ulps_apart(a, b):
+    """Elementwise distance in units in the last place of ``a``'s dtype (fp32,
+    bf16 or fp16; both tensors of that dtype): the gap between the two values
+    counted in representable numbers, so 0 means the same bits (up to the sign
+    of zero)."""
+    assert a.dtype == b.dtype and a.dtype in (torch.float32, torch.bfloat16, torch.float16), (a.dtype, b.dtype)
+    int_type, mask = (torch.int32, 0x7FFFFFFF) if a.dtype == torch.float32 else (torch.int16, 0x7FFF)
+
+    def ordered(t):  # sign-magnitude bits to a line of integers
+        i = t.detach().contiguous().view(int_type).long()
+        return torch.where(i < 0, -(i & mask), i)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+def assert_within_ulps(actual, expected, ulps, what=""):
+    """Closeness for a result that must equal another computation's rounding
+    for rounding (torch.optim's step against a fused one): at most ``ulps``
+    units in the last place apart. On failure how many are off, the worst
+    distance, its flat index and both values."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return
+    dist = ulps_apart(actual, expected).reshape(-1)
+    worst = int(dist.argmax())
+    assert int(dist[worst]) <= ulps, (
+        f"{what}: {int((dist > ulps).sum())} of {dist.numel()} elements more than {ulps} ulp off; worst "
+        f"{int(dist[worst])} ulp at flat index {worst}: actual {float(actual.reshape(-1)[worst])!r}, "
+        f"expected {float(expected.reshape(-1)[worst])!r}"
+    )
 
 
 def assert_params_close(model, reference, tol=FP32):
@@ -262,6 +297,32 @@ def run_against_oracle(variant, xs, grad_steps, tol, *, flatten, backend, group_
         for i, (p, x) in enumerate(zip(params, xs)):
             assert_bits_equal(p, x, f"step {t}: restore of param {i}")
     return opt, oracle
+
+
+# -- a smooth loss for the fused base-step tests ------------------------------------------
+def positive_params(shapes, dtype=torch.float32, device="cpu"):
+    """Leaf parameters drawn in [1, 2) for a list of (shape, memory_format):
+    with ``curvature_backward`` every gradient is positive and every update
+    small against x, so no sum cancels and one rounding more or less (FMA or
+    not) stays within an ulp or two of the result."""
+    out = []
+    for shape, memory_format in shapes:
+        x = (torch.rand(shape, dtype=F64) + 1.0).to(device=device, dtype=dtype)
+        if memory_format is not None:
+            x = x.contiguous(memory_format=memory_format)
+        out.append(x.requires_grad_(True))
+    return out
+
+
+def curvature(params, seed=7):
+    """The per-element weights a of ``curvature_backward``, in [0.5, 1.5)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(p.shape, generator=gen) + 0.5).to(device=p.device, dtype=p.dtype) for p in params]
+
+
+def curvature_backward(params, scales):
+    """loss = sum 0.5 a x^2 + sin(x): a gradient that depends on x (so x + e matters)."""
+    sum((0.5 * a * p * p + torch.sin(p)).sum() for p, a in zip(params, scales)).backward()
 
 
 # -- a tiny classifier and its batches -------------------------------------------------
