@@ -161,6 +161,13 @@ def assert_params_close(model, reference, tol=FP32):
         assert_close(a, b, tol, name)
 
 
+def assert_params_equal(model, reference):
+    """Every parameter of ``model`` bit for bit the same-named one of ``reference``
+    (a twin run through the same operations)."""
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert_bits_equal(a, b, name)
+
+
 # -- the variants and their oracle rows -------------------------------------------
 @dataclass(frozen=True)
 class Variant:
@@ -414,7 +421,7 @@ def snapshot(opt, params):
             buffers.append(None if t is None else t.clone())
     return dict(
         params=[(p.detach().clone(), p.data_ptr()) for p in params],
-        grads=[None if p.grad is None else p.grad.clone() for p in params],
+        grads=[None if p.grad is None else (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for p in params],
         state=state, groups=groups, members=members, buffers=buffers,
         pending=opt._pending is not None, skipped=value(opt.skipped_steps),
     )

@@ -27,13 +27,12 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.triton  # every test here runs the Triton backend
 
 from helpers import (  # noqa: E402
-    SHAPES, assert_within_ulps, curvature, curvature_backward, positive_params, torch_step_from_saved,
+    MODES, SHAPES, assert_within_ulps, curvature, curvature_backward, positive_params, torch_step_from_saved,
 )
 from presam_kernels import SAM, InfoSAM, base_update  # noqa: E402
 from presam_kernels.backends.triton import table as triton_table  # noqa: E402
 
 DEVICE = torch.device("cpu") if triton_table.interpreting() else torch.device("cuda")
-MODES = pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
 
 SGD_OPTIONS = {
     "plain": dict(lr=0.1),
