@@ -185,8 +185,10 @@ class Variant:
         the EMA path after the first step is covered."""
         return 3 if self.has_ema else 2
 
-    def make(self, params, rho=RHO, *, flatten, backend, lr=0.0):
-        return self.cls(params, torch.optim.SGD, rho=rho, lr=lr, flatten=flatten, backend=backend, **self.kwargs)
+    def make(self, params, rho=RHO, *, flatten, backend, base=torch.optim.SGD, **options):
+        """The optimizer over ``base`` (lr = 0 unless ``options`` say otherwise)."""
+        options.setdefault("lr", 0.0)
+        return self.cls(params, base, rho=rho, flatten=flatten, backend=backend, **self.kwargs, **options)
 
     @property
     def preconditioner(self):
