@@ -429,6 +429,17 @@ def snapshot(opt, params):
     )
 
 
+def same_value(v, w):
+    """Hyperparameter equality where NaN equals NaN (a refused bad rho stays NaN)
+    and a tensor equals a tensor of the same dtype, shape and bits."""
+    if isinstance(v, torch.Tensor) or isinstance(w, torch.Tensor):
+        return (isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) and v.dtype == w.dtype
+                and v.shape == w.shape and torch.equal(bits(v).cpu(), bits(w).cpu()))
+    if isinstance(v, float) and isinstance(w, float) and v != v and w != w:
+        return True
+    return v == w
+
+
 def assert_same(before, after):
     for (x, ptr), (y, ptr2) in zip(before["params"], after["params"]):
         assert ptr == ptr2 and torch.equal(x, y), "a refused operation moved a parameter"
@@ -441,8 +452,11 @@ def assert_same(before, after):
             w = after["state"][key][k]
             assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, f"state {k} changed"
     assert before["members"] == after["members"]
-    for g, h in zip(before["groups"], after["groups"]):
-        assert g.keys() == h.keys()
+    assert len(before["groups"]) == len(after["groups"]), "a refused operation added or removed a param group"
+    for k, (g, h) in enumerate(zip(before["groups"], after["groups"])):
+        assert g.keys() == h.keys(), f"param group {k}: keys changed"
+        for key, v in g.items():
+            assert same_value(v, h[key]), f"param group {k}: {key} changed from {v!r} to {h[key]!r}"
     for a, b in zip(before["buffers"], after["buffers"]):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), "a refused operation wrote a buffer"
     assert before["pending"] == after["pending"]
