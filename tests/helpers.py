@@ -8,6 +8,7 @@ Tests parametrize shapes x tolerances, e.g.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field, replace
 
@@ -28,6 +29,9 @@ RHO = 0.05
 FP32 = (torch.float32, 1e-6, 1e-5)
 BF16 = (torch.bfloat16, 1e-6, 2.0**-7)
 FP16 = (torch.float16, 1e-6, 2.0**-10)
+# An fp32 sum of the same terms in another order (the global norm): a few fp32
+# ulp, whatever the parameters' dtype.
+FP32_REORDERED = (torch.float32, 1e-7, 1e-5)
 TOLERANCES = {tol[0]: tol for tol in (FP32, BF16, FP16)}
 DTYPES = [pytest.param(FP32, id="fp32"), pytest.param(BF16, id="bf16"), pytest.param(FP16, id="fp16")]
 
@@ -39,6 +43,9 @@ SHAPES = {
     "size7": [((7,), None)],
     "size4097": [((LARGE,), None)],
     "mixed": [((3, 5), None), ((7,), None), ((1,), None), ((4, 3, 3, 5), CL), ((LARGE,), None), ((2, 1, 3), None)],
+    # mixed without a LARGE row, for tests that run many interpreted fused steps
+    # (300: two of the interpreter's 256-element chunks, the second masked).
+    "mixed_small": [((7,), None), ((33, 5), None), ((300,), None), ((1,), None)],
 }
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # set by tests/conftest.py
 # The interpreter dereferences host addresses, compiled kernels device ones.
@@ -116,10 +123,49 @@ def assert_bits_equal(actual, expected, what=""):
         )
 
 
+def ulps_apart(a, b):
+    """Elementwise distance in units in the last place of ``a``'s dtype (fp32,
+    bf16 or fp16; both tensors of that dtype): the gap between the two values
+    counted in representable numbers, so 0 means the same bits (up to the sign
+    of zero)."""
+    assert a.dtype == b.dtype and a.dtype in (torch.float32, torch.bfloat16, torch.float16), (a.dtype, b.dtype)
+    int_type, mask = (torch.int32, 0x7FFFFFFF) if a.dtype == torch.float32 else (torch.int16, 0x7FFF)
+
+    def ordered(t):  # sign-magnitude bits to a line of integers
+        i = t.detach().contiguous().view(int_type).long()
+        return torch.where(i < 0, -(i & mask), i)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+def assert_within_ulps(actual, expected, ulps, what=""):
+    """Closeness for a result that must equal another computation's rounding
+    for rounding (torch.optim's step against a fused one): at most ``ulps``
+    units in the last place apart. On failure how many are off, the worst
+    distance, its flat index and both values."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return
+    dist = ulps_apart(actual, expected).reshape(-1)
+    worst = int(dist.argmax())
+    assert int(dist[worst]) <= ulps, (
+        f"{what}: {int((dist > ulps).sum())} of {dist.numel()} elements more than {ulps} ulp off; worst "
+        f"{int(dist[worst])} ulp at flat index {worst}: actual {float(actual.reshape(-1)[worst])!r}, "
+        f"expected {float(expected.reshape(-1)[worst])!r}"
+    )
+
+
 def assert_params_close(model, reference, tol=FP32):
     """Every parameter of ``model`` against the same-named one of ``reference``."""
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         assert_close(a, b, tol, name)
+
+
+def assert_params_equal(model, reference):
+    """Every parameter of ``model`` bit for bit the same-named one of ``reference``
+    (a twin run through the same operations)."""
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert_bits_equal(a, b, name)
 
 
 # -- the variants and their oracle rows -------------------------------------------
@@ -139,8 +185,16 @@ class Variant:
         the EMA path after the first step is covered."""
         return 3 if self.has_ema else 2
 
-    def make(self, params, rho=RHO, *, flatten, backend):
-        return self.cls(params, torch.optim.SGD, rho=rho, lr=0.0, flatten=flatten, backend=backend, **self.kwargs)
+    def make(self, params, rho=RHO, *, flatten, backend, base=torch.optim.SGD, **options):
+        """The optimizer over ``base`` (lr = 0 unless ``options`` say otherwise)."""
+        options.setdefault("lr", 0.0)
+        return self.cls(params, base, rho=rho, flatten=flatten, backend=backend, **self.kwargs, **options)
+
+    @property
+    def preconditioner(self):
+        """What the optimizer hands its backend for this variant (the backend
+        verb tests call the backends with it directly)."""
+        return self.make([torch.zeros(1, requires_grad=True)], flatten=False, backend="eager").preconditioner
 
     def with_(self, **constants):
         """The same variant with other constants (alpha, theta, delta, eta, eps_norm)."""
@@ -263,6 +317,32 @@ def run_against_oracle(variant, xs, grad_steps, tol, *, flatten, backend, group_
     return opt, oracle
 
 
+# -- a smooth loss for the fused base-step tests ------------------------------------------
+def positive_params(shapes, dtype=torch.float32, device="cpu"):
+    """Leaf parameters drawn in [1, 2) for a list of (shape, memory_format):
+    with ``curvature_backward`` every gradient is positive and every update
+    small against x, so no sum cancels and one rounding more or less (FMA or
+    not) stays within an ulp or two of the result."""
+    out = []
+    for shape, memory_format in shapes:
+        x = (torch.rand(shape, dtype=F64) + 1.0).to(device=device, dtype=dtype)
+        if memory_format is not None:
+            x = x.contiguous(memory_format=memory_format)
+        out.append(x.requires_grad_(True))
+    return out
+
+
+def curvature(params, seed=7):
+    """The per-element weights a of ``curvature_backward``, in [0.5, 1.5)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(p.shape, generator=gen) + 0.5).to(device=p.device, dtype=p.dtype) for p in params]
+
+
+def curvature_backward(params, scales):
+    """loss = sum 0.5 a x^2 + sin(x): a gradient that depends on x (so x + e matters)."""
+    sum((0.5 * a * p * p + torch.sin(p)).sum() for p, a in zip(params, scales)).backward()
+
+
 # -- a tiny classifier and its batches -------------------------------------------------
 def make_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -324,3 +404,62 @@ def torch_step_from_saved(ref, ref_params, saved, params, state):
         if entry:
             ref.state[rp] = entry
     ref.step()
+
+
+# -- a refused call changes nothing ---------------------------------------------------
+def snapshot(opt, params):
+    """Everything a refusal must leave alone: parameters (values and storage),
+    gradients, per-parameter state, hyperparameters, the optimizer's buffers."""
+    def value(v):
+        return v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+
+    state = {id(p): {k: value(v) for k, v in opt.state[p].items()} for p in params if p in opt.state}
+    groups = [{k: value(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    members = [[id(p) for p in g["params"]] for g in opt.param_groups]
+    buffers = []
+    for b in opt._buckets or []:
+        for name in ("backup", "adversarial", "grad_ema", "flat_param", "flat_grad"):
+            t = getattr(b.buffers, name)
+            buffers.append(None if t is None else t.clone())
+    return dict(
+        params=[(p.detach().clone(), p.data_ptr()) for p in params],
+        grads=[None if p.grad is None else (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for p in params],
+        state=state, groups=groups, members=members, buffers=buffers,
+        pending=opt._pending is not None, skipped=value(opt.skipped_steps),
+    )
+
+
+def same_value(v, w):
+    """Hyperparameter equality where NaN equals NaN (a refused bad rho stays NaN)
+    and a tensor equals a tensor of the same dtype, shape and bits."""
+    if isinstance(v, torch.Tensor) or isinstance(w, torch.Tensor):
+        return (isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) and v.dtype == w.dtype
+                and v.shape == w.shape and torch.equal(bits(v).cpu(), bits(w).cpu()))
+    if isinstance(v, float) and isinstance(w, float) and v != v and w != w:
+        return True
+    return v == w
+
+
+def assert_same(before, after):
+    for (x, ptr), (y, ptr2) in zip(before["params"], after["params"]):
+        assert ptr == ptr2 and torch.equal(x, y), "a refused operation moved a parameter"
+    for g, h in zip(before["grads"], after["grads"]):
+        assert (g is None) == (h is None) and (g is None or torch.equal(g, h)), "a refused operation changed a gradient"
+    assert before["state"].keys() == after["state"].keys()
+    for key, entry in before["state"].items():
+        assert entry.keys() == after["state"][key].keys()
+        for k, v in entry.items():
+            w = after["state"][key][k]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, f"state {k} changed"
+    assert before["members"] == after["members"]
+    assert len(before["groups"]) == len(after["groups"]), "a refused operation added or removed a param group"
+    for k, (g, h) in enumerate(zip(before["groups"], after["groups"])):
+        assert g.keys() == h.keys(), f"param group {k}: keys changed"
+        for key, v in g.items():
+            assert same_value(v, h[key]), f"param group {k}: {key} changed from {v!r} to {h[key]!r}"
+    for a, b in zip(before["buffers"], after["buffers"]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), "a refused operation wrote a buffer"
+    assert before["pending"] == after["pending"]
+    assert (before["skipped"] is None) == (after["skipped"] is None)
+    if before["skipped"] is not None:
+        assert torch.equal(before["skipped"], after["skipped"])

@@ -8,7 +8,6 @@ between two ways of driving the package (closure vs two-step API).
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -17,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import batch, loss_of, make_model  # batch: the stream from seed 1000
+from helpers import (  # batch: the stream from seed 1000
+    FP32, assert_bits_equal, assert_close, assert_params_close, assert_params_equal, assert_same, batch, loss_of,
+    make_model, snapshot,
+)
 from presam_kernels import ASAM, SAM, FisherSAM, InfoSAM, VaSSO
 
 ALL_CLASSES = [SAM, ASAM, InfoSAM, VaSSO, FisherSAM]
-TOL = dict(rtol=1e-5, atol=1e-6)  # fp32 math in the package, fp64 in the reference
-EXACT = dict(rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------
@@ -79,46 +79,6 @@ def sam_two_step(model, opt, b):
     loss_of(model, b).backward()
     opt.second_step(zero_grad=True)
     return loss.detach()
-
-
-def assert_params_close(model_a, model_b, **tol):
-    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), msg=lambda m: f"{name}: {m}", **(tol or TOL))
-
-
-def _dense(t):
-    return t.detach().to_dense() if t.is_sparse else t.detach()
-
-
-def snapshot(model, opt):
-    """Parameters, gradients and the optimizer's whole per-parameter state, cloned."""
-    params = [p.detach().clone() for p in model.parameters()]
-    grads = [None if p.grad is None else _dense(p.grad).clone() for p in model.parameters()]
-    state = {}
-    for i, p in enumerate(model.parameters()):
-        if p in opt.state:
-            state[i] = {k: (v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v))
-                        for k, v in opt.state[p].items()}
-    return params, grads, state
-
-
-def assert_untouched(model, opt, snap):
-    params, grads, state = snap
-    for i, p in enumerate(model.parameters()):
-        assert torch.equal(p.detach(), params[i]), f"parameter {i} changed"
-        if grads[i] is None:
-            assert p.grad is None, f"gradient {i} appeared"
-        else:
-            assert torch.equal(_dense(p.grad), grads[i]), f"gradient {i} changed"
-    now = {i: opt.state[p] for i, p in enumerate(model.parameters()) if p in opt.state and opt.state[p]}
-    assert set(now) == {i for i, s in state.items() if s}, "state entries appeared or vanished"
-    for i, entries in now.items():
-        assert set(entries) == set(state[i]), f"state keys of parameter {i} changed"
-        for k, v in entries.items():
-            if torch.is_tensor(v):
-                assert torch.equal(v, state[i][k]), f"state[{i}][{k!r}] changed"
-            else:
-                assert v == state[i][k], f"state[{i}][{k!r}] changed"
 
 
 # ---------------------------------------------------------------------------
@@ -216,7 +176,7 @@ def test_default_eps_norm_is_1e_minus_12_after_the_square_root(cls, default_rho)
     opt = cls([p], torch.optim.SGD, lr=0.1)
     p.grad = torch.full((4,), 0.5e-12)
     opt.first_step()
-    torch.testing.assert_close(p.detach().norm(), torch.tensor(default_rho / 2), rtol=1e-5, atol=0)
+    assert_close(p.detach().norm(), torch.tensor(default_rho / 2), (torch.float32, 0.0, 1e-5), "||e||")
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
@@ -255,10 +215,10 @@ def test_invalid_presam_backend_env_is_an_error_naming_it_and_touches_nothing(mo
     model = make_model()
     opt = SAM(model.parameters(), torch.optim.SGD, backend="auto", lr=0.1)
     loss_of(model, batch(0)).backward()
-    snap = snapshot(model, opt)
+    snap = snapshot(opt, list(model.parameters()))
     with pytest.raises(ValueError, match="PRESAM_BACKEND"):
         opt.first_step()
-    assert_untouched(model, opt, snap)
+    assert_same(snap, snapshot(opt, list(model.parameters())))
 
 
 def test_presam_backend_env_does_not_override_an_explicit_backend(monkeypatch):
@@ -406,10 +366,10 @@ def test_bad_rho_set_after_construction_raises_in_first_step_before_anything_is_
     sam_two_step(model, opt, batch(0))  # some state to protect
     loss_of(model, batch(1)).backward()
     opt.param_groups[0]["rho"] = bad
-    snap = snapshot(model, opt)
+    snap = snapshot(opt, list(model.parameters()))
     with pytest.raises(ValueError, match="rho"):
         opt.first_step()
-    assert_untouched(model, opt, snap)
+    assert_same(snap, snapshot(opt, list(model.parameters())))
 
 
 @pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
@@ -422,10 +382,10 @@ def test_sparse_gradient_is_a_clear_error_before_anything_is_touched(flatten):
     opt.zero_grad(set_to_none=True)
     head(emb(torch.tensor([1, 2, 3]))).sum().backward()
     assert emb.weight.grad.is_sparse
-    snap = snapshot(model, opt)
+    snap = snapshot(opt, list(model.parameters()))
     with pytest.raises((RuntimeError, ValueError), match="sparse"):
         opt.first_step()
-    assert_untouched(model, opt, snap)
+    assert_same(snap, snapshot(opt, list(model.parameters())))
 
 
 @pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
@@ -434,10 +394,10 @@ def test_second_step_without_first_step_is_an_error_and_touches_nothing(flatten)
     opt = InfoSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, flatten=flatten)
     sam_two_step(model, opt, batch(0))
     loss_of(model, batch(1)).backward()
-    snap = snapshot(model, opt)
+    snap = snapshot(opt, list(model.parameters()))
     with pytest.raises(RuntimeError, match="first_step"):
         opt.second_step()
-    assert_untouched(model, opt, snap)
+    assert_same(snap, snapshot(opt, list(model.parameters())))
 
 
 @pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
@@ -447,10 +407,10 @@ def test_first_step_twice_is_an_error_and_touches_nothing(flatten):
     loss_of(model, batch(0)).backward()
     opt.first_step(zero_grad=True)
     loss_of(model, batch(0)).backward()
-    snap = snapshot(model, opt)
+    snap = snapshot(opt, list(model.parameters()))
     with pytest.raises(RuntimeError, match="first_step"):
         opt.first_step()
-    assert_untouched(model, opt, snap)
+    assert_same(snap, snapshot(opt, list(model.parameters())))
     # The pending step is intact: second_step still restores and steps as SAM would
     # (infoSAM's first step is plain SAM).
     opt.second_step(zero_grad=True)
@@ -463,13 +423,13 @@ def test_step_without_closure_explains_the_two_step_api():
     model = make_model()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     loss_of(model, batch(0)).backward()
-    snap = snapshot(model, opt)
+    snap = snapshot(opt, list(model.parameters()))
     with pytest.raises(RuntimeError) as info:
         opt.step()
     message = str(info.value)
     for needed in ("closure", "first_step", "second_step", "backward"):
         assert needed in message, f"the error does not mention {needed!r}: {message}"
-    assert_untouched(model, opt, snap)
+    assert_same(snap, snapshot(opt, list(model.parameters())))
 
 
 # ---------------------------------------------------------------------------
@@ -499,7 +459,7 @@ def test_closure_common_wrapper_way_matches_two_step_api_and_reference():
         assert torch.is_tensor(returned)
         sam_two_step(twin, opt_twin, batch(k))
         reference_step(ref, ref_base, batch(k))
-    assert_params_close(model, twin, **EXACT)
+    assert_params_equal(model, twin)
     assert_params_close(model, ref)
 
 
@@ -525,9 +485,9 @@ def test_closure_lightning_way_runs_closure_twice_and_returns_first_loss():
         assert returned is losses[0], "step(closure) must return the loss at x (the first one)"
         first_loss = sam_two_step(twin, opt_twin, batch(k))
         ref_loss, _ = reference_step(ref, ref_base, batch(k))
-        torch.testing.assert_close(returned.detach(), ref_loss, **TOL)
-        torch.testing.assert_close(returned.detach(), first_loss, **EXACT)
-    assert_params_close(model, twin, **EXACT)
+        assert_close(returned.detach(), ref_loss, FP32, f"loss {k}")
+        assert_bits_equal(returned.detach(), first_loss, f"loss {k}")
+    assert_params_equal(model, twin)
     assert_params_close(model, ref)
 
 
@@ -656,7 +616,7 @@ def test_last_perturbation_norm_is_the_global_gradient_norm_tensor():
     opt.first_step()
     _, norm = reference_perturb([{"params": list(ref.parameters()), "rho": 0.05}])
     assert isinstance(opt.last_perturbation_norm, torch.Tensor)
-    torch.testing.assert_close(opt.last_perturbation_norm.double().reshape(()), norm, **TOL)
+    assert_close(opt.last_perturbation_norm.reshape(()), norm, FP32, "norm")
 
 
 @pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
@@ -697,7 +657,7 @@ def test_rho_zero_everywhere_is_the_base_optimizer():
         base.zero_grad()
         loss_of(plain, batch(k)).backward()
         base.step()
-    assert_params_close(model, plain, **EXACT)
+    assert_params_equal(model, plain)
 
 
 @pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
@@ -743,7 +703,7 @@ def test_recipe_gradient_clipping(flatten):
         reference_step(ref, ref_base, batch(step), clip=max_norm)
         reference_step(unclipped, un_base, batch(step))
     assert_params_close(model, ref)
-    assert any(not torch.allclose(a, b, **TOL) for a, b in zip(ref.parameters(), unclipped.parameters())), \
+    assert any(not torch.allclose(a, b, atol=FP32[1], rtol=FP32[2]) for a, b in zip(ref.parameters(), unclipped.parameters())), \
         "max_norm is too large for this test to see the clipping"
 
 

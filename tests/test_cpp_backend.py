@@ -15,52 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import torch_step_from_saved
+from helpers import SHAPES, assert_within_ulps, curvature, curvature_backward, positive_params, torch_step_from_saved
 from presam_kernels import SAM, InfoSAM, extension_available
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="the C++ extension is not built")
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = [(7,), (33, 5), (300,), (1,), (2, 3, 4, 5)]
 
 
 def ops():
     from presam_kernels.backends import cpp  # noqa: F401  (registers the fake kernels)
 
     return torch.ops.presam_cpp
-
-
-def make_params(dtype=torch.float32):
-    """x in [1, 2): gradients of the loss below stay positive, so no sum cancels."""
-    return [(torch.rand(s, dtype=torch.float64) + 1.0).to(dtype).requires_grad_(True) for s in SHAPES]
-
-
-def backward(params, seed=7):
-    """loss = sum 0.5 a x^2 + sin(x): a gradient that depends on x."""
-    gen = torch.Generator().manual_seed(seed)
-    scales = [(torch.rand(p.shape, generator=gen) + 0.5).to(p.dtype) for p in params]
-    sum((0.5 * a * p * p + torch.sin(p)).sum() for p, a in zip(params, scales)).backward()
-
-
-def ulps_apart(a, b):
-    """Distance in units in the last place, fp32 / bf16 / fp16."""
-    int_type = torch.int32 if a.dtype == torch.float32 else torch.int16
-    mask = 0x7FFFFFFF if a.dtype == torch.float32 else 0x7FFF
-
-    def ordered(t):
-        i = t.detach().contiguous().view(int_type).long()
-        return torch.where(i < 0, -(i & mask), i)
-
-    return (ordered(a) - ordered(b)).abs()
-
-
-def assert_within_ulp(actual, expected, ulps, what):
-    dist = ulps_apart(actual, expected)
-    worst = int(dist.argmax())
-    assert int(dist.max()) <= ulps, (
-        f"{what}: {int((dist > ulps).sum())} of {dist.numel()} elements more than {ulps} ulp off; worst "
-        f"{int(dist.max())} ulp at {worst}: got {float(actual.reshape(-1)[worst])!r}, "
-        f"expected {float(expected.reshape(-1)[worst])!r}"
-    )
 
 
 # -- restore fused with the base update, against torch.optim ----------------------
@@ -94,33 +59,33 @@ def test_fused_base_update_matches_torch_optim(base, flatten, dtype, ulps):
     """Each step: the fused second_step equals torch's own step from the saved
     x with the second gradient and a copy of the state, within ``ulps``."""
     cls, kwargs = BASES[base]
-    params = make_params(dtype)
+    params = positive_params(SHAPES["mixed"], dtype)
     opt = SAM(params, cls, rho=0.05, backend="cpp", flatten=flatten, **kwargs)
     ref_params = [torch.zeros_like(p, requires_grad=True) for p in params]
     ref = cls(ref_params, **kwargs)
     for step in range(3):
         saved = [p.detach().clone() for p in params]
-        backward(params, seed=step)
+        curvature_backward(params, curvature(params, seed=step))
         opt.first_step(zero_grad=True)
-        backward(params, seed=step)
+        curvature_backward(params, curvature(params, seed=step))
         torch_step_from_saved(ref, ref_params, saved, params, opt.state)
         opt.second_step(zero_grad=True)
         assert opt.last_step_fused, "the fused path was not taken"
         for k, (p, rp) in enumerate(zip(params, ref_params)):
-            assert_within_ulp(p, rp, ulps, f"step {step} param {k}")
+            assert_within_ulps(p, rp, ulps, f"step {step} param {k}")
             for key, value in ref.state[rp].items():
                 if key != "step":  # exp_avg_sq holds d^2: an ulp of d is two of it
-                    assert_within_ulp(opt.state[p][key], value, 2 * ulps, f"step {step} param {k} {key}")
+                    assert_within_ulps(opt.state[p][key], value, 2 * ulps, f"step {step} param {k} {key}")
 
 
 def test_lr_zero_gives_params_back_bit_for_bit():
-    params = make_params()
+    params = positive_params(SHAPES["mixed"])
     before = [p.detach().clone() for p in params]
     opt = SAM(params, torch.optim.AdamW, rho=0.5, backend="cpp", lr=0.0, weight_decay=0.1)
     for step in range(2):
-        backward(params, seed=step)
+        curvature_backward(params, curvature(params, seed=step))
         opt.first_step(zero_grad=True)
-        backward(params, seed=step)
+        curvature_backward(params, curvature(params, seed=step))
         opt.second_step(zero_grad=True)
         assert opt.last_step_fused
     for p, b in zip(params, before):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import distributed_worker as worker
+from helpers import FP32, assert_close
 
 WORLD = 2
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -53,9 +54,10 @@ def single_process(kind, optimizer_factory=worker.make_optimizer):
     return perturbed, [p.detach().clone() for p in model.parameters()], opt.last_perturbation_norm
 
 
-def assert_all_close(actual, expected, what, atol=1e-6, rtol=1e-5):
+def assert_all_close(actual, expected, what):
+    assert len(actual) == len(expected), f"{what}: {len(actual)} tensors, expected {len(expected)}"
     for i, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m: f"{what}, tensor {i}: {m}")
+        assert_close(a, e, FP32, f"{what}, tensor {i}")
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "hsdp"])

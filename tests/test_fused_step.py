@@ -26,13 +26,13 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton  # every test here runs the Triton backend
 
-from helpers import torch_step_from_saved  # noqa: E402
+from helpers import (  # noqa: E402
+    MODES, SHAPES, assert_within_ulps, curvature, curvature_backward, positive_params, torch_step_from_saved,
+)
 from presam_kernels import SAM, InfoSAM, base_update  # noqa: E402
 from presam_kernels.backends.triton import table as triton_table  # noqa: E402
 
 DEVICE = torch.device("cpu") if triton_table.interpreting() else torch.device("cuda")
-SHAPES = [(7,), (33, 5), (300,), (1,)]
-MODES = pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
 
 SGD_OPTIONS = {
     "plain": dict(lr=0.1),
@@ -55,39 +55,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-def make_params(dtype=torch.float32):
-    """x in [1, 2): with the loss below every gradient is positive and every
-    update small against x, so no sum cancels and an ulp of rounding in one
-    term (FMA or not) stays within an ulp or two of the result."""
-    return [(torch.rand(s, dtype=dtype, device=DEVICE) + 1.0).requires_grad_(True) for s in SHAPES]
-
-
-def curvature(params, seed=7):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.rand(p.shape, generator=gen) + 0.5).to(DEVICE) for p in params]
-
-
-def backward(params, scales):
-    """loss = sum 0.5 a x^2 + sin(x): a gradient that depends on x (so x + e matters)."""
-    loss = sum((0.5 * a * p * p + torch.sin(p)).sum() for p, a in zip(params, scales))
-    loss.backward()
-
-
-def ordered(t):
-    i = t.detach().float().contiguous().view(torch.int32).long()
-    return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
-
-
-def assert_within_ulp(actual, expected, ulps, what):
-    dist = (ordered(actual) - ordered(expected)).abs()
-    worst = int(dist.argmax()) if dist.numel() else 0
-    assert int(dist.max()) <= ulps, (
-        f"{what}: {int((dist > ulps).sum())} of {dist.numel()} elements more than {ulps} ulp off; worst "
-        f"{int(dist.max())} ulp at {worst}: got {float(actual.reshape(-1)[worst])!r}, "
-        f"expected {float(expected.reshape(-1)[worst])!r}"
-    )
-
-
 def check_steps_against_torch(opt, params, scales, steps=3):
     """Drive ``opt`` (fused) and, at every step, torch's own base optimizer on
     the same saved x, second gradient and a copy of the state; compare."""
@@ -99,27 +66,27 @@ def check_steps_against_torch(opt, params, scales, steps=3):
         saved = [p.detach().clone() for p in params]
         for p in params:
             p.grad = None
-        backward(params, scales)
+        curvature_backward(params, scales)
         opt.first_step(zero_grad=True)
-        backward(params, scales)
+        curvature_backward(params, scales)
         torch_step_from_saved(ref, ref_params, saved, params, opt.state)
         opt.second_step(zero_grad=True)
         assert opt.last_step_fused, "the fused path was not taken"
         for k, (p, rp) in enumerate(zip(params, ref_params)):
-            assert_within_ulp(p, rp, 2, f"step {step} param {k}")
+            assert_within_ulps(p, rp, 2, f"step {step} param {k}")
             for key, value in ref.state[rp].items():
                 got = opt.state[p][key]
                 if key == "step":
                     assert got.device.type == "cpu" and got.dtype == torch.float32 and float(got) == float(value)
                 else:
                     # exp_avg_sq holds d^2: an ulp of d is two of it
-                    assert_within_ulp(got, value, 4 if key == "exp_avg_sq" else 2, f"step {step} param {k} state {key}")
+                    assert_within_ulps(got, value, 4 if key == "exp_avg_sq" else 2, f"step {step} param {k} state {key}")
 
 
 @MODES
 @pytest.mark.parametrize("options", list(SGD_OPTIONS), ids=list(SGD_OPTIONS))
 def test_sgd_fused_matches_torch_within_2_ulp(options, flatten):
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     opt = SAM(params, torch.optim.SGD, rho=0.05, backend="triton", flatten=flatten, **SGD_OPTIONS[options])
     check_steps_against_torch(opt, params, curvature(params))
 
@@ -128,23 +95,23 @@ def test_sgd_fused_matches_torch_within_2_ulp(options, flatten):
 @pytest.mark.parametrize("options", list(ADAM_OPTIONS), ids=list(ADAM_OPTIONS))
 def test_adam_fused_matches_torch_within_2_ulp(options, flatten):
     cls, kwargs = ADAM_OPTIONS[options]
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     opt = SAM(params, cls, rho=0.05, backend="triton", flatten=flatten, **kwargs)
     check_steps_against_torch(opt, params, curvature(params))
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_lr_zero_gives_params_back_bit_for_bit(base):
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     before = [p.detach().clone() for p in params]
     kwargs = dict(lr=0.0, momentum=0.9, weight_decay=0.1) if base == "sgd" else dict(lr=0.0, weight_decay=0.1)
     cls = torch.optim.SGD if base == "sgd" else torch.optim.AdamW
     opt = SAM(params, cls, rho=0.5, backend="triton", **kwargs)
     scales = curvature(params)
     for _ in range(2):
-        backward(params, scales)
+        curvature_backward(params, scales)
         opt.first_step(zero_grad=True)
-        backward(params, scales)
+        curvature_backward(params, scales)
         opt.second_step(zero_grad=True)
         assert opt.last_step_fused
     for p, b in zip(params, before):
@@ -152,14 +119,14 @@ def test_lr_zero_gives_params_back_bit_for_bit(base):
 
 
 def one_step(opt, params, scales):
-    backward(params, scales)
+    curvature_backward(params, scales)
     opt.first_step(zero_grad=True)
-    backward(params, scales)
+    curvature_backward(params, scales)
     opt.second_step(zero_grad=True)
 
 
 def test_base_optimizer_step_is_not_called_when_fused(monkeypatch):
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     opt = SAM(params, torch.optim.SGD, rho=0.05, backend="triton", lr=0.1, momentum=0.9)
 
     def forbidden(*args, **kwargs):
@@ -171,7 +138,7 @@ def test_base_optimizer_step_is_not_called_when_fused(monkeypatch):
 
 
 def test_uncovered_option_takes_restore_and_base_step():
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     opt = SAM(params, torch.optim.Adam, rho=0.05, backend="triton", lr=1e-2, amsgrad=True)
     calls = []
     opt.base_optimizer.register_step_post_hook(lambda *a: calls.append(1))
@@ -181,7 +148,7 @@ def test_uncovered_option_takes_restore_and_base_step():
 
 
 def test_eager_backend_is_not_fused_but_steps_the_same():
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     twin = [p.detach().clone().requires_grad_(True) for p in params]
     scales = curvature(params)
     fused = SAM(params, torch.optim.SGD, rho=0.05, backend="triton", lr=0.1, momentum=0.9, perturb="in_place")
@@ -204,7 +171,7 @@ def test_switching_fused_unfused_plain_torch_mid_training_is_seamless(monkeypatc
     runs = []
     for mixed in (True, False):
         torch.manual_seed(0)
-        params = make_params()
+        params = positive_params(SHAPES["mixed_small"], device=DEVICE)
         scales = scales or curvature(params)
         opt = SAM(params, cls, rho=0.05, backend="triton", flatten=flatten, **kwargs)
         fused_flags = []
@@ -216,7 +183,7 @@ def test_switching_fused_unfused_plain_torch_mid_training_is_seamless(monkeypatc
                 # plain torch: the base optimizer alone, on the state we kept
                 for p in params:
                     p.grad = None
-                backward(params, scales)
+                curvature_backward(params, scales)
                 opt.base_optimizer.step()
                 opt.zero_grad()
                 fused_flags.append(None)
@@ -234,12 +201,12 @@ def test_switching_fused_unfused_plain_torch_mid_training_is_seamless(monkeypatc
 
 
 def test_plain_torch_step_continues_from_the_fused_state():
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     scales = curvature(params)
     opt = SAM(params, torch.optim.Adam, rho=0.05, backend="triton", lr=1e-2)
     one_step(opt, params, scales)
     views = {k: opt.state[params[1]][k] for k in ("exp_avg", "exp_avg_sq")}
-    backward(params, scales)
+    curvature_backward(params, scales)
     opt.base_optimizer.step()  # torch updates our views in place
     assert all(opt.state[params[1]][k] is v for k, v in views.items())
     assert float(opt.state[params[1]]["step"]) == 2.0
@@ -247,7 +214,7 @@ def test_plain_torch_step_continues_from_the_fused_state():
 
 @MODES
 def test_state_is_torch_keys_as_views_of_flat_buffers(flatten):
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     opt = SAM(params, torch.optim.AdamW, rho=0.05, backend="triton", flatten=flatten, lr=1e-2)
     one_step(opt, params, curvature(params))
     bucket = opt._buckets[0]
@@ -263,7 +230,7 @@ def test_state_is_torch_keys_as_views_of_flat_buffers(flatten):
 @pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
 def test_state_dict_round_trip_continues_bit_identically(cls, flatten):
     kwargs = dict(lr=0.1, momentum=0.9) if cls is torch.optim.SGD else dict(lr=1e-2, weight_decay=0.01)
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     scales = curvature(params)
     opt = SAM(params, cls, rho=0.05, backend="triton", flatten=flatten, **kwargs)
     for _ in range(2):
@@ -289,7 +256,7 @@ def test_state_dict_round_trip_continues_bit_identically(cls, flatten):
 
 
 def test_scheduler_changes_the_fused_lr_without_warnings():
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     scales = curvature(params)
     opt = SAM(params, torch.optim.SGD, rho=0.05, backend="triton", lr=0.1)
     sched_base = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
@@ -303,19 +270,19 @@ def test_scheduler_changes_the_fused_lr_without_warnings():
 
 
 def test_tensor_lr_is_used_without_host_read():
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     opt = SAM(params, torch.optim.SGD, rho=0.05, backend="triton", lr=torch.tensor(0.1), momentum=0.9)
     check_steps_against_torch(opt, params, curvature(params), steps=2)
 
 
 def test_parameters_at_different_adam_steps_take_the_generic_path():
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     scales = curvature(params)
     opt = SAM(params, torch.optim.Adam, rho=0.05, backend="triton", lr=1e-2)
-    backward(params, scales)
+    curvature_backward(params, scales)
     params[0].grad = None  # params[0] misses the first step
     opt.first_step(zero_grad=True)
-    backward(params, scales)
+    curvature_backward(params, scales)
     params[0].grad = None
     opt.second_step(zero_grad=True)
     assert opt.last_step_fused and "step" not in opt.state[params[0]]
@@ -328,7 +295,7 @@ def test_parameters_at_different_adam_steps_take_the_generic_path():
 
 @pytest.mark.parametrize("overflow", ["first", "second"])
 def test_amp_overflow_skips_the_fused_update(overflow):
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     scales = curvature(params)
     opt = InfoSAM(params, torch.optim.SGD, rho=0.05, backend="triton", lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
@@ -356,7 +323,7 @@ def test_amp_overflow_skips_the_fused_update(overflow):
 
 @pytest.mark.parametrize("perturb", ["in_place", "out_of_place"])
 def test_group_with_rho_zero_is_updated_from_x_itself(perturb):
-    params = make_params()
+    params = positive_params(SHAPES["mixed_small"], device=DEVICE)
     scales = curvature(params)
     groups = [{"params": params[:2]}, {"params": params[2:], "rho": 0.0}]
     opt = SAM(groups, torch.optim.SGD, rho=0.05, backend="triton", lr=0.02, momentum=0.9, perturb=perturb)
@@ -366,9 +333,9 @@ def test_group_with_rho_zero_is_updated_from_x_itself(perturb):
 def check_steps_against_torch_groups(opt, params, scales):
     """As check_steps_against_torch, one reference optimizer per param group."""
     saved = [p.detach().clone() for p in params]
-    backward(params, scales)
+    curvature_backward(params, scales)
     opt.first_step(zero_grad=True)
-    backward(params, scales)
+    curvature_backward(params, scales)
     refs = []
     for group in opt.param_groups:
         ref_params = [torch.zeros_like(p, requires_grad=True) for p in group["params"]]
@@ -383,7 +350,7 @@ def check_steps_against_torch_groups(opt, params, scales):
     opt.second_step(zero_grad=True)
     assert opt.last_step_fused
     for k, (p, rp) in enumerate(zip(params, refs)):
-        assert_within_ulp(p, rp, 2, f"param {k}")
+        assert_within_ulps(p, rp, 2, f"param {k}")
 
 
 def test_hyperparameter_rows_are_written_by_column_name_and_refuse_a_missing_or_extra_one():

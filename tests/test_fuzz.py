@@ -26,9 +26,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import INTERPRETER, VARIANTS, assert_bits_equal
+from helpers import INTERPRETER, VARIANTS, assert_bits_equal, assert_same, snapshot
 from presam_kernels import SAM, InfoSAM, backends, extension_available
-from test_midstep import assert_same, snapshot
 
 # As tests/conftest.py decides (not imported: bench/ has a conftest module too).
 BACKENDS = (

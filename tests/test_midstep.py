@@ -16,54 +16,11 @@ import pickle
 import pytest
 import torch
 
+from helpers import assert_same, snapshot
 from presam_kernels import SAM, InfoSAM
 
 PERTURB = pytest.mark.parametrize("perturb", ["in_place", "out_of_place"])
 MIDSTEP = r"between first_step\(\) and second_step\(\).*opt\.second_step\(\).*opt\.restore\(\)"
-
-
-def snapshot(opt, params):
-    """Everything a refusal must leave alone: parameters (values and storage),
-    gradients, per-parameter state, hyperparameters, the optimizer's buffers."""
-    def value(v):
-        return v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-
-    state = {id(p): {k: value(v) for k, v in opt.state[p].items()} for p in params if p in opt.state}
-    groups = [{k: value(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    members = [[id(p) for p in g["params"]] for g in opt.param_groups]
-    buffers = []
-    for b in opt._buckets or []:
-        for name in ("backup", "adversarial", "grad_ema", "flat_param", "flat_grad"):
-            t = getattr(b.buffers, name)
-            buffers.append(None if t is None else t.clone())
-    return dict(
-        params=[(p.detach().clone(), p.data_ptr()) for p in params],
-        grads=[None if p.grad is None else p.grad.clone() for p in params],
-        state=state, groups=groups, members=members, buffers=buffers,
-        pending=opt._pending is not None, skipped=value(opt.skipped_steps),
-    )
-
-
-def assert_same(before, after):
-    for (x, ptr), (y, ptr2) in zip(before["params"], after["params"]):
-        assert ptr == ptr2 and torch.equal(x, y), "a refused operation moved a parameter"
-    for g, h in zip(before["grads"], after["grads"]):
-        assert (g is None) == (h is None) and (g is None or torch.equal(g, h)), "a refused operation changed a gradient"
-    assert before["state"].keys() == after["state"].keys()
-    for key, entry in before["state"].items():
-        assert entry.keys() == after["state"][key].keys()
-        for k, v in entry.items():
-            w = after["state"][key][k]
-            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, f"state {k} changed"
-    assert before["members"] == after["members"]
-    for g, h in zip(before["groups"], after["groups"]):
-        assert g.keys() == h.keys()
-    for a, b in zip(before["buffers"], after["buffers"]):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), "a refused operation wrote a buffer"
-    assert before["pending"] == after["pending"]
-    assert (before["skipped"] is None) == (after["skipped"] is None)
-    if before["skipped"] is not None:
-        assert torch.equal(before["skipped"], after["skipped"])
 
 
 def build(backend, flatten, perturb, cls=SAM, n=2, **kwargs):

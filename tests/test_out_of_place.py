@@ -18,8 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from helpers import MODES, assert_bits_equal  # noqa: E402
-from presam_kernels import ASAM, SAM, FisherSAM, InfoSAM, PreSAM, VaSSO  # noqa: E402
+from helpers import MODES, VARIANTS, assert_bits_equal  # noqa: E402
+from presam_kernels import SAM, PreSAM  # noqa: E402
 from presam_kernels.optim import presam as presam_module  # noqa: E402
 
 try:
@@ -31,13 +31,15 @@ except ImportError:  # no triton
 DEVICE = torch.device("cuda") if TRITON and not triton_table.interpreting() else torch.device("cpu")
 BACKENDS = ["eager"] + (["triton"] if TRITON else [])
 
-VARIANTS = {
-    "sam": lambda p, **kw: SAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw),
-    "sam_adaptive": lambda p, **kw: SAM(p, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1, **kw),
-    "asam": lambda p, **kw: ASAM(p, torch.optim.SGD, rho=0.5, lr=0.1, **kw),
-    "fishersam": lambda p, **kw: FisherSAM(p, torch.optim.SGD, rho=0.05, lr=0.1, **kw),
-    "vasso": lambda p, **kw: VaSSO(p, torch.optim.SGD, rho=0.05, lr=0.1, **kw),
-    "infosam": lambda p, **kw: InfoSAM(p, torch.optim.AdamW, rho=0.05, delta=1e-3, lr=1e-2, **kw),
+SGD, ADAMW = torch.optim.SGD, torch.optim.AdamW
+# The variants run here: (rho, base optimizer, its options).
+RUNS = {
+    "sam": (0.05, SGD, dict(lr=0.1, momentum=0.9)),
+    "sam_adaptive": (0.5, SGD, dict(lr=0.1)),
+    "asam": (0.5, SGD, dict(lr=0.1)),
+    "fisher": (0.05, SGD, dict(lr=0.1)),
+    "vasso": (0.05, SGD, dict(lr=0.1)),
+    "infosam": (0.05, ADAMW, dict(lr=1e-2)),  # delta = 1e-3 (below)
 }
 # The interpreter takes about a second per step: the Triton backend runs these on the CPU.
 TRITON_CORE = {"sam", "infosam"}
@@ -66,7 +68,10 @@ def loss_of(model, b):
 
 def run(variant, backend, flatten, perturb, steps=3, between=None):
     model = make_model()
-    opt = VARIANTS[variant](list(model.parameters()), backend=backend, flatten=flatten, perturb=perturb)
+    rho, base, options = RUNS[variant]
+    spec = VARIANTS[variant].with_(delta=1e-3) if variant == "infosam" else VARIANTS[variant]
+    opt = spec.make(list(model.parameters()), rho, flatten=flatten, backend=backend, base=base, perturb=perturb,
+                    **options)
     grads = []
     for k in range(steps):
         b = batch(k)
@@ -87,7 +92,7 @@ def test_perturb_argument_is_validated():
 
 @MODES
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(RUNS))
 def test_out_of_place_equals_in_place_bit_for_bit(variant, backend, flatten, core_case):
     core_case(variant in TRITON_CORE)
     a, opt_a, grads_a = run(variant, backend, flatten, "in_place")

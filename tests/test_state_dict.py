@@ -12,7 +12,9 @@ import pickle
 import pytest
 import torch
 
-from helpers import MODES, TRAINING_STATE_KEYS, TRAINING_VARIANTS, assert_params_close, loss_of, make_model
+from helpers import (
+    MODES, TRAINING_STATE_KEYS, TRAINING_VARIANTS, assert_params_close, assert_same, loss_of, make_model, snapshot,
+)
 from helpers import batch as batch_of
 from presam_kernels import SAM, InfoSAM
 
@@ -307,26 +309,6 @@ def test_state_dict_of_the_common_sam_wrapper_loads(flatten):
 # ---------------------------------------------------------------------------
 # a checkpoint that does not fit: refused before anything is loaded
 # ---------------------------------------------------------------------------
-def frozen_copy(model, opt):
-    """Parameters, per-parameter state and hyperparameters, as plain copies."""
-    state = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
-             for n, p in model.named_parameters()}
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    return [p.detach().clone() for p in model.parameters()], state, groups
-
-
-def assert_frozen(model, opt, before):
-    params, state, groups = frozen_copy(model, opt)
-    for x, y in zip(before[0], params):
-        assert torch.equal(x, y)
-    assert state.keys() == before[1].keys()
-    for name, entry in before[1].items():
-        assert entry.keys() == state[name].keys(), name
-        for k, v in entry.items():
-            assert torch.equal(v, state[name][k]) if torch.is_tensor(v) else v == state[name][k], f"{name} {k}"
-    assert groups == before[2]
-
-
 BAD_ENTRIES = {
     "ema_broadcastable": ("grad_ema", lambda v: torch.zeros(1, 1)),
     "ema_wrong_shape": ("grad_ema", lambda v: torch.zeros(3, 3)),
@@ -352,10 +334,10 @@ def test_load_state_dict_refuses_a_bad_entry_before_loading_anything(bad, flatte
     key, corrupt = BAD_ENTRIES[bad]
     sd["state"][0] = {**sd["state"][0], key: corrupt(sd["state"][0][key])}
     sd["state"][1] = {**sd["state"][1], "momentum_buffer": sd["state"][1]["momentum_buffer"] + 1}
-    before = frozen_copy(model, opt)
+    before = snapshot(opt, list(model.parameters()))
     with pytest.raises(ValueError, match=key):
         opt.load_state_dict(sd)
-    assert_frozen(model, opt, before)
+    assert_same(before, snapshot(opt, list(model.parameters())))
 
 
 @MODES
@@ -388,10 +370,10 @@ def test_a_common_wrapper_checkpoint_with_another_adaptive_flag_is_refused(adapt
     sd = through_disk(theirs.state_dict())
     model = make_model()
     mismatched = SAM(model.parameters(), torch.optim.SGD, adaptive=not adaptive, lr=0.2)
-    before = frozen_copy(model, mismatched)
+    before = snapshot(mismatched, list(model.parameters()))
     with pytest.raises(ValueError, match="adaptive"):
         mismatched.load_state_dict(sd)
-    assert_frozen(model, mismatched, before)
+    assert_same(before, snapshot(mismatched, list(model.parameters())))
     matching = SAM(model.parameters(), torch.optim.SGD, adaptive=adaptive, lr=0.2)
     matching.load_state_dict(sd)
     assert matching.param_groups[0]["adaptive"] is adaptive

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_same, snapshot
 from presam_kernels import SAM, FisherSAM, InfoSAM
-from test_midstep import assert_same, snapshot
 
 PERTURB = pytest.mark.parametrize("perturb", ["in_place", "out_of_place"])
 

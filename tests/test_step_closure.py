@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import batch as batch_of
-from helpers import loss_of, make_model
+from helpers import MODES, assert_close, assert_params_close, assert_params_equal, loss_of, make_model
 from presam_kernels import ASAM, SAM, InfoSAM
 
-MODES = pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
-EXACT = dict(rtol=0, atol=0)
-TOL = dict(rtol=1e-6, atol=1e-6)
+# The same fp32 math grouped otherwise (micro-batch gradients summed in another
+# order, ASAM written out by hand): tighter than helpers.FP32 (rtol 1e-5).
+TWIN = (torch.float32, 1e-6, 1e-6)
 
 
 def batch(k: int, n: int = 16):
@@ -35,11 +35,6 @@ def two_step(model, opt, batches):
     for b in batches:
         (loss_of(model, b) / len(batches)).backward()
     opt.second_step(zero_grad=True)
-
-
-def assert_same_params(model, twin, **tol):
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def torch_idiom_closure(model, opt, b, calls):
@@ -77,7 +72,7 @@ def test_torch_closure_idiom_runs_closure_twice_every_step_and_matches_two_step(
         twin_norms.append(float(opt_twin.last_perturbation_norm))
     assert all(n > 0 for n in norms), f"a zero perturbation: SAM became SGD ({norms})"
     assert norms == twin_norms
-    assert_same_params(model, twin, **EXACT)
+    assert_params_equal(model, twin)
 
 
 @MODES
@@ -100,7 +95,7 @@ def test_kept_zeros_after_two_step_training_are_not_a_first_pass_at_the_first_st
         assert len(calls) == 2, f"step {k}: the closure ran {len(calls)} time(s)"
         two_step(twin, opt_twin, [batch(k)])
     assert float(opt.last_perturbation_norm) > 0
-    assert_same_params(model, twin, **EXACT)
+    assert_params_equal(model, twin)
 
 
 # ---------------------------------------------------------------------------
@@ -128,7 +123,7 @@ def test_backward_before_step_is_the_first_pass_after_stale_and_zeroed_steps(fla
         opt.step(closure)
         assert len(calls) == 1
         two_step(twin, opt_twin, [batch(k)])
-    assert_same_params(model, twin, **EXACT)
+    assert_params_equal(model, twin)
 
 
 # ---------------------------------------------------------------------------
@@ -160,7 +155,7 @@ def test_first_pass_closure_adds_the_last_micro_batch_and_replays_in_second_pass
         opt.step(closure, first_pass="closure")
         assert len(calls) == 2
         two_step(twin, opt_twin, micro)
-    assert_same_params(model, twin, **TOL)
+    assert_params_close(model, twin, TWIN)
 
 
 def test_first_pass_done_finishes_a_step_begun_with_first_step():
@@ -171,7 +166,7 @@ def test_first_pass_done_finishes_a_step_begun_with_first_step():
     opt.first_step(zero_grad=True)
     opt.step(lambda: loss_of(model, batch(0)).backward(), first_pass="done")
     two_step(twin, opt_twin, [batch(0)])
-    assert_same_params(model, twin, **EXACT)
+    assert_params_equal(model, twin)
     with pytest.raises(RuntimeError, match="first_step"):
         opt.step(lambda: None, first_pass="done")
     with pytest.raises(ValueError, match="first_pass"):
@@ -191,7 +186,7 @@ def test_first_pass_present_takes_the_gradients_present_even_after_a_step():
         opt.step(lambda b=batch(k): calls.append(loss_of(model, b).backward()), first_pass="present")
         assert len(calls) == 1
         two_step(twin, opt_twin, [batch(k)])
-    assert_same_params(model, twin, **EXACT)
+    assert_params_equal(model, twin)
 
 
 @MODES
@@ -210,10 +205,10 @@ def test_closure_that_raises_in_second_pass_leaves_x_and_the_next_step_runs(flat
 
     with pytest.raises(FloatingPointError):
         opt.step(failing)
-    assert_same_params(model, before, **EXACT)
+    assert_params_equal(model, before)
     opt.step(torch_idiom_closure(model, opt, batch(1), []))
     two_step(twin, opt_twin, [batch(1)])
-    assert_same_params(model, twin, **EXACT)
+    assert_params_equal(model, twin)
 
 
 # ---------------------------------------------------------------------------
@@ -283,7 +278,7 @@ def test_scaler_step_with_closure_equals_the_grad_scaler_flow(cls, flatten, over
         opt_twin.second_step(zero_grad=True, grad_scaler=scaler_twin)
         scaler_twin.update()
         assert scaler.get_scale() == scaler_twin.get_scale()
-        assert_same_params(model, twin, **EXACT)
+        assert_params_equal(model, twin)
     assert int(opt.skipped_steps) == int(opt_twin.skipped_steps) == (0 if overflow is None else 1)
 
 
@@ -298,7 +293,7 @@ def test_scaler_step_after_unscale_with_closure_first_pass_raises_before_touchin
     with pytest.raises(RuntimeError, match="UNSCALED"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         scaler.step(opt, torch_idiom_closure(model, opt, batch(1), []))
-    assert_same_params(model, before, **EXACT)
+    assert_params_equal(model, before)
 
 
 # ---------------------------------------------------------------------------
@@ -378,7 +373,7 @@ def test_asam_matches_names_to_tensors_by_identity_with_a_reordered_base(how):
             opt = ASAM(base.param_groups, base, rho=0.5, is_weight=lambda name, p: "weight" in names[id(p)])
     got = asam_perturbation(opt, model)
     for n in expected:
-        torch.testing.assert_close(got[n], expected[n], **TOL, msg=lambda m, n=n: f"{n}: {m}")
+        assert_close(got[n], expected[n], TWIN, n)
 
 
 def test_asam_with_base_param_groups_and_no_names_uses_ndim_rule():
