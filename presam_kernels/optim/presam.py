@@ -122,6 +122,7 @@ def _step_hooks(func):
     from torch.optim import optimizer as optimizer_module
 
     def hooked(self, args, kwargs):
+        # As torch's: the hooks see the positional arguments with the optimizer first.
         for pre_hook in (*optimizer_module._global_optimizer_pre_hooks.values(),
                          *self._optimizer_step_pre_hooks.values()):
             result = pre_hook(self, args, kwargs)
@@ -129,7 +130,7 @@ def _step_hooks(func):
                 if not (isinstance(result, tuple) and len(result) == 2):
                     raise RuntimeError(f"{func} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
                 args, kwargs = result
-        out = func(self, *args, **kwargs)
+        out = func(*args, **kwargs)
         self._optimizer_step_code()
         for post_hook in (*self._optimizer_step_post_hooks.values(),
                           *optimizer_module._global_optimizer_post_hooks.values()):
@@ -140,8 +141,8 @@ def _step_hooks(func):
     def wrapper(self, *args, **kwargs):
         if torch._C._autograd._profiler_enabled():
             with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-                return hooked(self, args, kwargs)
-        return hooked(self, args, kwargs)
+                return hooked(self, (self, *args), kwargs)
+        return hooked(self, (self, *args), kwargs)
 
     return wrapper
 
