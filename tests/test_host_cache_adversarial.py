@@ -1,19 +1,24 @@
 """Changes a user can make that the host-path caches (issue 15) must see:
 writes that leave every object the caches key on in place (a step count
 written through ``.data``, a state tensor re-pointed through ``.data =``),
-second_step's hooks as torch calls them, and no gradient of a past step
-kept alive. Lockstep against the eager backend, as tests/test_plan_cache.py.
+a parameter moved to another param group without changing the parameters'
+order, second_step's hooks as torch calls them, and no gradient of a past
+step kept alive. Lockstep against the eager backend, as tests/test_plan_cache.py.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
 import pytest
 import torch
 
+from helpers import assert_close
 from presam_kernels import SAM, _host, extension_available
-from test_plan_cache import CHANGES, SHAPES, STEPS_AFTER, STEPS_BEFORE, assert_same, backward, make, sam_step
+from test_plan_cache import (
+    CHANGES, SHAPES, STEPS_AFTER, STEPS_BEFORE, TOL, assert_same, backward, make, sam_step,
+)
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="the C++ extension is not built")
 
@@ -107,3 +112,44 @@ def test_no_gradient_of_a_past_step_is_kept_alive(host_path, kind, options):
     gc.collect()
     alive = [k for k, g in enumerate(grads) if g() is not None]
     assert not alive, f"gradients {alive} of past steps are still referenced"
+
+
+def split_off_last_parameter(opt, params):
+    """The last parameter of group 0 moves to a new group with another lr:
+    the parameters' order (and so each one's id, device and dtype in it) stays."""
+    last = opt.param_groups[0]["params"].pop()
+    opt.add_param_group({"params": [last], "lr": 0.5})
+
+
+def load_into_the_base_optimizer(opt, params):
+    opt.base_optimizer.load_state_dict(copy.deepcopy(opt.base_optimizer.state_dict()))
+
+
+def assert_same_base_state(fused, fused_params, ref, ref_params, what):
+    """As assert_same, with the state the base optimizer itself holds."""
+    for k, (p, r) in enumerate(zip(fused_params, ref_params)):
+        assert_close(p.detach(), r.detach(), TOL, f"{what}: param {k}")
+        for key, value in ref.base_optimizer.state[r].items():
+            assert_close(fused.base_optimizer.state[p][key].detach().reshape(value.shape), value.detach(), TOL,
+                         f"{what}: param {k} state {key!r}")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("change", [
+    split_off_last_parameter,
+    pytest.param(load_into_the_base_optimizer, marks=pytest.mark.xfail(strict=True, reason=(
+        "not the caches: torch's load_state_dict gives the base optimizer a new state dict, while "
+        "PreSAM.state still is the old one, which the fused step reads and writes (presam.py: "
+        "self.state = self.base_optimizer.state, once)"))),
+], ids=lambda c: c.__name__)
+def test_a_change_to_the_base_optimizer_between_steps_is_seen(host_path, kind, change):
+    fused_params, fused = make(kind, "cpp")
+    ref_params, ref = make(kind, "eager")
+    for step in range(STEPS_BEFORE + STEPS_AFTER):
+        if step == STEPS_BEFORE:
+            change(fused, fused_params)
+            change(ref, ref_params)
+        sam_step(fused, fused_params, step)
+        sam_step(ref, ref_params, step)
+        assert fused.last_step_fused
+        assert_same_base_state(fused, fused_params, ref, ref_params, f"{change.__name__}, step {step}")

@@ -362,8 +362,12 @@ class PreSAM(Optimizer):
             return "weight" in name
         return p.ndim >= 2
 
-    def _layout_key(self):
-        return _host.layout_key(self._params())  # (id, device, dtype) per parameter
+    def _layout_key(self, scan=None):
+        """(id, device, dtype) per parameter (``scan.layout_key`` where the caller
+        has it), and each param group's size: a parameter moved to the next
+        group keeps the order, not its group's hyperparameters."""
+        per_param = _host.layout_key(self._params()) if scan is None else scan.layout_key
+        return per_param, tuple(len(group["params"]) for group in self.param_groups)
 
     def _ensure_buckets(self, layout_key=None):
         """The buckets, rebuilt when parameters were added or moved to another
@@ -516,7 +520,7 @@ class PreSAM(Optimizer):
         params = self._params()
         scan = _host.scan_params(params)
         self._check_grads(scan)
-        buckets = self._ensure_buckets(scan.layout_key)
+        buckets = self._ensure_buckets(self._layout_key(scan))
         tables = [
             b.table(group_perturbed, out_of_place=self._out_of_place(b), merge=not self._bound_to_operands)
             for b in buckets
@@ -611,7 +615,7 @@ class PreSAM(Optimizer):
                 if zero_grad:
                     self.zero_grad()
                 return
-        if not self._fused_step(pending.tables, pending.group_perturbed, scan.layout_key):
+        if not self._fused_step(pending.tables, pending.group_perturbed, self._layout_key(scan)):
             self._restore(pending)
             self._base_step()
         if zero_grad:
