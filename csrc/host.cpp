@@ -14,6 +14,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -49,6 +50,13 @@ bool as_bool(PyObject* item) {
 
 int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_ptr()); }
 
+// Whether a and b are equal bytes objects (None never equals).
+bool same_bytes(const py::object& a, const py::object& b) {
+  if (!PyBytes_Check(a.ptr()) || !PyBytes_Check(b.ptr())) return false;
+  const Py_ssize_t n = PyBytes_GET_SIZE(a.ptr());
+  return n == PyBytes_GET_SIZE(b.ptr()) && std::memcmp(PyBytes_AS_STRING(a.ptr()), PyBytes_AS_STRING(b.ptr()), n) == 0;
+}
+
 // The items of a list or tuple (borrowed, valid while it is alive and unchanged).
 PyObject** items(const py::object& seq, const char* what) {
   TORCH_CHECK(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()), "DeviceTables.get: ", what,
@@ -82,7 +90,7 @@ class DeviceTables {
                  const py::object& saved_views, const py::object& ema_views, const py::object& offsets,
                  const py::object& lengths, const py::object& groups, const py::object& is_weight,
                  const py::object& perturbed, const at::Tensor& saved, const std::optional<at::Tensor>& ema,
-                 int64_t chunk, const py::function& build) {
+                 int64_t chunk, const py::function& build, const py::object& signature) {
     const size_t n = grads.size();
     const bool by_member = !members.is_none();
     TORCH_CHECK(py::len(params) == n && py::len(offsets) == n && py::len(lengths) == n && py::len(groups) == n &&
@@ -98,7 +106,13 @@ class DeviceTables {
     const int64_t saved_size = saved.element_size();
     const int64_t ema_base = ema ? address(*ema) : 0;
     const std::vector<StaticRow>& rows = static_rows(members, offsets, lengths, groups, is_weight, perturbed);
-    key_.assign({chunk, saved_base, ema ? ema_base : -1, static_cast<int64_t>(n)});
+    const std::array<int64_t, 4> header = {chunk, saved_base, ema ? ema_base : -1, static_cast<int64_t>(n)};
+    // The rows' signature (rows_with_grads) equal to the last call's, and the
+    // same per-row numbers and buffers: every check below would pass as it did
+    // then, and the key would be the same.
+    if (static_hit_ && header == last_header_ && same_bytes(signature, last_signature_)) return last_table_;
+    last_signature_ = py::none();
+    key_.assign(header.begin(), header.end());
     key_.reserve(kKeyHeader + kKeyPerRow * n);
     for (size_t r = 0; r < n; ++r) {
       PyObject* p_obj = param_items[r];
@@ -116,15 +130,22 @@ class DeviceTables {
       }
       key_.insert(key_.end(), {address(p), address(g), row.offset, row.length, row.group, row.flags});
     }
+    py::object table;
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->key == key_) {
         std::rotate(it, it + 1, entries_.end());  // most recently used last
-        return entries_.back().table;
+        table = entries_.back().table;
+        break;
       }
     }
-    py::object table = make(ema.has_value(), saved_base, ema_base, build);
-    entries_.push_back({key_, table});
-    if (static_cast<int64_t>(entries_.size()) > capacity_) entries_.erase(entries_.begin());
+    if (!table) {
+      table = make(ema.has_value(), saved_base, ema_base, build);
+      entries_.push_back({key_, table});
+      if (static_cast<int64_t>(entries_.size()) > capacity_) entries_.erase(entries_.begin());
+    }
+    last_header_ = header;
+    last_signature_ = signature;
+    last_table_ = table;
     return table;
   }
 
@@ -148,17 +169,22 @@ class DeviceTables {
     for (size_t k = 0; same && k < numbers.size(); ++k) {
       same = numbers[k].is(static_numbers_[k]) && (numbers[k].is_none() || PyTuple_CheckExact(numbers[k].ptr()));
     }
+    static_hit_ = same;
     if (same) return static_rows_;
     const size_t n = py::len(offsets);
     const bool by_member = !members.is_none();
+    PyObject** offset_items = items(offsets, "offsets");
+    PyObject** length_items = items(lengths, "lengths");
+    PyObject** group_items = items(groups, "groups");
+    PyObject** weight_items = items(is_weight, "is_weight");
+    PyObject** perturbed_items = items(perturbed, "perturbed");
+    PyObject** member_items = by_member ? items(members, "members") : nullptr;
     std::vector<StaticRow> rows;
     rows.reserve(n);
     for (size_t r = 0; r < n; ++r) {
-      auto item = [&](const py::object& seq) { return py::reinterpret_borrow<py::object>(seq[py::int_(r)]); };
-      rows.push_back({item(offsets).cast<int64_t>(), item(lengths).cast<int64_t>(), item(groups).cast<int64_t>(),
-                      (as_bool(item(is_weight).ptr()) ? kFlagWeight : 0) |
-                          (as_bool(item(perturbed).ptr()) ? kFlagPerturbed : 0),
-                      by_member ? item(members).cast<int64_t>() : -1});
+      rows.push_back({as_int(offset_items[r]), as_int(length_items[r]), as_int(group_items[r]),
+                      (as_bool(weight_items[r]) ? kFlagWeight : 0) | (as_bool(perturbed_items[r]) ? kFlagPerturbed : 0),
+                      by_member ? as_int(member_items[r]) : -1});
     }
     static_rows_ = std::move(rows);
     static_numbers_ = numbers;
@@ -230,6 +256,12 @@ class DeviceTables {
   std::vector<int64_t> key_;  // this call's key, kept to reuse its allocation
   std::vector<py::object> static_numbers_;  // the per-row numbers of the last call
   std::vector<StaticRow> static_rows_;      // converted
+  bool static_hit_ = false;                 // this call's numbers are those
+  // The last call that returned a table: its header, its rows' signature (None:
+  // none, or the call gave None) and the table.
+  std::array<int64_t, 4> last_header_ = {};
+  py::object last_signature_ = py::none();
+  py::object last_table_ = py::none();
 };
 
 // -- the base optimizer's state as a fused step left it (base_update.SteadyPlan) -------
@@ -397,35 +429,69 @@ bool any_sparse_grad(const py::list& params) {
   return false;
 }
 
-// (layout_key, data_addresses, any_sparse_grad) of the parameters in one walk
-// over them: each walk costs ~30-100 ns a parameter, mostly cache misses on
-// the tensors' metadata.
-py::tuple scan_params(const py::list& params) {
-  const size_t n = params.size();
-  std::string key(n * 3 * sizeof(int64_t), '\0'), addresses(n * sizeof(int64_t), '\0');
-  int64_t* k = reinterpret_cast<int64_t*>(key.data());
-  int64_t* a = reinterpret_cast<int64_t*>(addresses.data());
+// (layout_key, data_addresses, any_sparse_grad) of the parameters of every
+// param group (``groups``: the optimizer's param_groups) in one walk over them,
+// without listing them first: each walk costs ~30-100 ns a parameter, mostly
+// cache misses on the tensors' metadata.
+py::tuple scan_params(const py::list& groups) {
+  std::string key, addresses;
   bool sparse = false;
-  for (size_t i = 0; i < n; ++i, k += 3) {
-    PyObject* obj = PyList_GET_ITEM(params.ptr(), i);
-    write_layout(obj, i, k);
-    a[i] = data_address(obj);
-    sparse = sparse || sparse_grad(obj);
+  size_t i = 0;
+  for (size_t k = 0; k < groups.size(); ++k) {
+    PyObject* group = PyList_GET_ITEM(groups.ptr(), k);
+    TORCH_CHECK(PyDict_Check(group), "scan_params: param group ", k, " is not a dict");
+    PyObject* params = PyDict_GetItemString(group, "params");
+    TORCH_CHECK(params != nullptr && PyList_Check(params), "scan_params: param group ", k, " has no list of params");
+    const size_t n = PyList_GET_SIZE(params);
+    key.resize(key.size() + n * 3 * sizeof(int64_t));
+    addresses.resize(addresses.size() + n * sizeof(int64_t));
+    int64_t* kw = reinterpret_cast<int64_t*>(key.data()) + 3 * i;
+    int64_t* aw = reinterpret_cast<int64_t*>(addresses.data()) + i;
+    for (size_t j = 0; j < n; ++j, ++i, kw += 3) {
+      PyObject* obj = PyList_GET_ITEM(params, j);
+      write_layout(obj, i, kw);
+      aw[j] = data_address(obj);
+      sparse = sparse || sparse_grad(obj);
+    }
   }
   return py::make_tuple(py::bytes(key), py::bytes(addresses), sparse);
 }
 
-// (indices of the parameters that have a gradient as a tuple, those gradients as a list).
+// Appends what DeviceTables.get checks of a tensor: its layout, dtype,
+// device, sizes, strides and data address; false for a subclass (its storage
+// is its own business: no signature then).
+bool sign(PyObject* obj, std::vector<int64_t>& out) {
+  if (!THPVariable_CheckExact(obj)) return false;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  out.insert(out.end(), {static_cast<int64_t>(t.layout()), static_cast<int64_t>(t.scalar_type()),
+                         static_cast<int64_t>(t.device().type()) << 16 | static_cast<uint16_t>(t.device().index()),
+                         t.dim()});
+  if (t.layout() != at::kStrided) return true;
+  out.insert(out.end(), t.sizes().begin(), t.sizes().end());
+  out.insert(out.end(), t.strides().begin(), t.strides().end());
+  out.push_back(address(t));
+  return true;
+}
+
+// (indices of the parameters that have a gradient as a tuple, those gradients
+// as a list, their signature): the signature (bytes) is everything
+// DeviceTables.get checks of each row's parameter and gradient, so that an
+// equal signature lets it skip the walk; None where a tensor is a subclass.
 py::tuple rows_with_grads(const py::list& params) {
   const size_t n = params.size();
   std::vector<py::object> grads;
   std::vector<size_t> rows;
+  std::vector<int64_t> signature;
+  bool signed_all = true;
   grads.reserve(n);
   rows.reserve(n);
+  signature.reserve(n * 16);
   for (size_t i = 0; i < n; ++i) {
-    py::object grad = grad_of(PyList_GET_ITEM(params.ptr(), i));
+    PyObject* param = PyList_GET_ITEM(params.ptr(), i);
+    py::object grad = grad_of(param);
     if (grad.is_none()) continue;
     rows.push_back(i);
+    signed_all = signed_all && sign(param, signature) && sign(grad.ptr(), signature);
     grads.push_back(std::move(grad));
   }
   py::tuple row_tuple(rows.size());
@@ -434,7 +500,11 @@ py::tuple rows_with_grads(const py::list& params) {
     PyTuple_SET_ITEM(row_tuple.ptr(), r, PyLong_FromSize_t(rows[r]));
     PyList_SET_ITEM(grad_list.ptr(), r, grads[r].release().ptr());
   }
-  return py::make_tuple(row_tuple, grad_list);
+  py::object signed_rows = py::none();
+  if (signed_all) {
+    signed_rows = py::bytes(reinterpret_cast<const char*>(signature.data()), signature.size() * sizeof(int64_t));
+  }
+  return py::make_tuple(row_tuple, grad_list, signed_rows);
 }
 
 }  // namespace
@@ -449,7 +519,7 @@ PYBIND11_MODULE(_C, m) {
       .def("get", &presam::DeviceTables::get, py::arg("params"), py::arg("grads"), py::arg("members"),
            py::arg("saved_views"), py::arg("ema_views"), py::arg("offsets"), py::arg("lengths"), py::arg("groups"),
            py::arg("is_weight"), py::arg("perturbed"), py::arg("saved"), py::arg("ema"), py::arg("chunk"),
-           py::arg("build"))
+           py::arg("build"), py::arg("signature") = py::none())
       .def("__len__", &presam::DeviceTables::size);
   py::class_<presam::StateWatch>(m, "StateWatch")
       .def(py::init<const py::list&, const py::list&, const py::tuple&, const py::list&, const py::object&>(),
@@ -460,5 +530,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("data_addresses", &presam::data_addresses, py::arg("tensors"));
   m.def("any_sparse_grad", &presam::any_sparse_grad, py::arg("params"));
   m.def("rows_with_grads", &presam::rows_with_grads, py::arg("params"));
-  m.def("scan_params", &presam::scan_params, py::arg("params"));
+  m.def("scan_params", &presam::scan_params, py::arg("groups"));
 }

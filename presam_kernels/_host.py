@@ -60,22 +60,26 @@ class ParamScan(NamedTuple):
     any_sparse_grad: bool
 
 
-def scan_params(params) -> ParamScan:
-    """``layout_key``, ``data_addresses`` and ``any_sparse_grad`` of ``params``
-    in one walk over them (C++) where the extension is built."""
+def scan_params(groups) -> ParamScan:
+    """``layout_key``, ``data_addresses`` and ``any_sparse_grad`` of the
+    parameters of ``groups`` (param groups, in order), in one walk over them
+    (C++) where the extension is built."""
     compiled = native()
     if compiled is not None:
-        return ParamScan(*compiled.scan_params(params))
+        return ParamScan(*compiled.scan_params(groups))
+    params = [p for group in groups for p in group["params"]]
     return ParamScan(layout_key(params), data_addresses(params), any_sparse_grad(params))
 
 
 def rows_with_grads(params):
-    """(indices of the parameters that have a gradient as a tuple, those gradients as a list)."""
+    """(indices of the parameters that have a gradient as a tuple, those
+    gradients as a list, a signature of their layouts and addresses or None):
+    the signature (C++ only) lets the C++ device-table check skip a walk."""
     compiled = native()
     if compiled is not None:
         return compiled.rows_with_grads(params)
     rows = tuple(i for i, p in enumerate(params) if p.grad is not None)
-    return rows, [params[i].grad for i in rows]
+    return rows, [params[i].grad for i in rows], None
 
 
 def state_watch(params, entries, keys, values, versioned_key):

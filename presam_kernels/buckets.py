@@ -16,7 +16,7 @@ row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -100,6 +100,11 @@ class Table:
     adversarials: tuple | None = None
     merged: bool = False  # flatten=True rows spanning several parameters
     members: tuple | None = None  # per-parameter rows: the bucket's parameter index of each
+    # What the C++ scan that found the gradients saw of every row's parameter
+    # and gradient (``_host.rows_with_grads``), or None; only Bucket.table sets
+    # it (not the constructor, nor dataclasses.replace), so a table whose
+    # tensors were swapped never carries a signature that is not theirs.
+    signature: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def out_of_place(self) -> bool:
@@ -108,11 +113,13 @@ class Table:
     def __len__(self):
         return len(self.params)
 
-    def with_grads(self, grads) -> "Table":
-        """This table with ``grads`` as its gradients (the other fields shared)."""
+    def with_grads(self, grads, signature=None) -> "Table":
+        """This table with ``grads`` as its gradients (the other fields shared)
+        and the ``signature`` of its rows."""
         table = Table.__new__(Table)
         table.__dict__.update(self.__dict__)
         table.grads = grads
+        table.signature = signature
         return table
 
 
@@ -357,7 +364,8 @@ class Bucket:
         and on the arguments, so it is made once per such key and kept (a
         step's tables took ~50 us of host time for ResNet-50's 161 tensors,
         bench/RESULTS.md "CPU (host)"); the gradients are this step's own."""
-        rows, grads = _host.rows_with_grads(self.params)  # a scan in C++ where the extension is built
+        rows, grads, signature = _host.rows_with_grads(self.params)  # a scan in C++ where the extension is built
+        merge = merge and self.flatten  # one layout for both spellings of "one row per parameter"
         if self.layout.mesh is not None:  # DTensor: the local shards are new tensors each time
             return self._new_table(rows, grads, group_perturbed, out_of_place, merge)
         buffers = self.buffers
@@ -370,7 +378,9 @@ class Bucket:
             self._table_layouts[key] = layout
             while len(self._table_layouts) > TABLE_LAYOUTS_PER_BUCKET:
                 self._table_layouts.pop(next(iter(self._table_layouts)))
-        return layout.with_grads(layout.grads if layout.merged else grads)
+        if layout.merged:  # rows over the flat buffers: the C++ check walks these few rows each time
+            return layout.with_grads(layout.grads)
+        return layout.with_grads(grads, signature)
 
     def _new_table(self, rows, grads, group_perturbed, out_of_place, merge) -> Table:
         if self.flatten and merge:

@@ -246,3 +246,22 @@ def test_cpp_and_python_paths_build_the_same_table(monkeypatch, layout):
         dev = triton_table.device_table(bucket, bucket.table(perturbed, out_of_place=layout == "out_of_place"), CHUNK)
         built[native] = (rows_of(dev), dev.n_rows, dev.aligned, dev.param_addresses)
     assert built[True] == built[False]
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["per_tensor", "flatten"])
+def test_steady_steps_share_one_table_layout_and_one_device_table(uploads, flatten):
+    """first_step's and second_step's tables are one kept layout (so the C++
+    check converts its per-row numbers once, not every call) and one device
+    table, step after step."""
+    from presam_kernels import SAM
+
+    params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in SHAPES]
+    opt = SAM(params, torch.optim.SGD, rho=0.05, lr=0.01, backend="triton", flatten=flatten, perturb="in_place")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for _ in range(3):
+        opt.first_step()
+        opt.second_step()
+    (bucket,) = opt._buckets
+    assert len(bucket._table_layouts) == 1
+    assert len(uploads) == 1

@@ -78,11 +78,11 @@ def test_rows_with_grads_hands_out_the_gradients_themselves(path):
     params = make_params()
     params[0].grad = torch.randn(3, 4)
     params[2].grad = torch.randn(2, 2)
-    rows, grads = _host.rows_with_grads(params)
+    rows, grads, _ = _host.rows_with_grads(params)
     assert rows == (0, 2)
     assert grads[0] is params[0].grad and grads[1] is params[2].grad
     params[0].grad = None
-    assert _host.rows_with_grads(params) == ((2,), [params[2].grad])
+    assert _host.rows_with_grads(params)[:2] == ((2,), [params[2].grad])
 
 
 def test_rows_with_grads_asks_a_subclass(path):
@@ -92,16 +92,17 @@ def test_rows_with_grads_asks_a_subclass(path):
             return "its own"
 
     t = torch.Tensor._make_subclass(WithGrad, torch.randn(3))
-    assert _host.rows_with_grads([torch.randn(2), t]) == ((1,), ["its own"])
+    assert _host.rows_with_grads([torch.randn(2), t]) == ((1,), ["its own"], None)
 
 
-def test_scan_params_is_the_three_scans_in_one(path):
+def test_scan_params_is_the_three_scans_of_the_groups_parameters_in_one(path):
     params = make_params()
     params[1].grad = torch.randn_like(params[1])
-    scan = _host.scan_params(params)
+    groups = [{"params": params[:2]}, {"params": params[2:]}]
+    scan = _host.scan_params(groups)
     assert scan == (_host.layout_key(params), _host.data_addresses(params), False)
     params[0].data = params[0].data.clone()  # another storage: the addresses change, the layout key does not
-    moved = _host.scan_params(params)
+    moved = _host.scan_params(groups)
     assert moved.layout_key == scan.layout_key and moved.data_addresses != scan.data_addresses
     params[2].grad = torch.zeros_like(params[2]).to_sparse()
-    assert _host.scan_params(params).any_sparse_grad
+    assert _host.scan_params(groups).any_sparse_grad

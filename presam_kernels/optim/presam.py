@@ -517,8 +517,7 @@ class PreSAM(Optimizer):
                 "after the second backward before the next first_step()"
             )
         rhos, group_perturbed = self._group_rhos()
-        params = self._params()
-        scan = _host.scan_params(params)
+        scan = _host.scan_params(self.param_groups)
         self._check_grads(scan)
         buckets = self._ensure_buckets(self._layout_key(scan))
         tables = [
@@ -557,7 +556,10 @@ class PreSAM(Optimizer):
         )
         pending.switch_to_adversarial(buckets)
         if not self._bound_to_operands:
-            pending.storage = _host.data_addresses(params)
+            # Where the parameters' storage is now: as scanned, unless this step
+            # re-pointed some (out of place, or flatten=True re-adopting one).
+            moved_here = self.flatten or pending.switched
+            pending.storage = _host.data_addresses(self._params()) if moved_here else scan.data_addresses
         self._pending = pending
 
     def _count_skip(self, skipped):
@@ -584,7 +586,7 @@ class PreSAM(Optimizer):
                 "first_step() got grad_scaler but second_step() did not, so the base step would "
                 "use scaled gradients; pass the same GradScaler to both steps"
             )
-        scan = _host.scan_params(self._params())  # before switch_back: where first_step left them
+        scan = _host.scan_params(self.param_groups)  # before switch_back: where first_step left them
         if self._moved_since_first_step(pending, scan.data_addresses):
             raise RuntimeError(
                 "the parameters were moved, converted or replaced between first_step() and "

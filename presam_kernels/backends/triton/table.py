@@ -209,6 +209,7 @@ def device_table(bucket, table, chunk: int) -> DeviceTable | None:
             None if table.members is not None else table.grad_emas,
             table.offsets, table.lengths, table.group_index, table.is_weight, table.perturbed,
             saved_buffer(bucket, table), bucket.buffers.grad_ema, chunk, functools.partial(_upload, bucket),
+            table.signature,
         )
     backup = saved_buffer(bucket, table)
     ema = bucket.buffers.grad_ema
