@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -268,8 +269,12 @@ class DeviceTables {
 // Holds, for the parameters a fused step updated, the per-parameter state
 // entry (a dict) and the tensor under each of ``keys`` that the step used, and
 // answers whether ``optimizer.state`` still holds exactly those: the same entry
-// per parameter, the same tensor under each key, and the tensors under
-// ``versioned_key`` (Adam's step counts) not written since ``note_versions``.
+// per parameter, the same tensor under each key, still at the address it had
+// (``t.data = other`` keeps the object but not its memory), and the tensors
+// under ``versioned_key`` (Adam's step counts) not written since
+// ``note_versions``: neither their version counters nor their values changed
+// (a write through ``t.data``, e.g. ``state["step"].data.fill_(1)``, bumps
+// no version counter of ``t``).
 // The state dict is walked item by item: looking a parameter up would hash it
 // through torch.Tensor.__hash__, a Python function (~0.3 us a parameter).
 class StateWatch {
@@ -292,7 +297,10 @@ class StateWatch {
       entries_.push_back(entries[i]);
       index_.emplace(params[i].ptr(), i);
     }
-    for (size_t j = 0; j < values.size(); ++j) values_.push_back(values[j]);
+    for (size_t j = 0; j < values.size(); ++j) {
+      values_.push_back(values[j]);
+      addresses_.push_back(tensor_address(values[j].ptr()));
+    }
     note_versions();
   }
 
@@ -315,8 +323,9 @@ class StateWatch {
         PyObject* now = PyDict_GetItemWithError(entries_[i].ptr(), keys_[k].ptr());
         if (now == nullptr && PyErr_Occurred()) throw py::error_already_set();
         if (now != values_[i * n_keys + k].ptr()) return false;
+        if (tensor_address(now) != addresses_[i * n_keys + k]) return false;  // re-pointed through .data
       }
-      if (versioned_ >= 0 && version(i) != versions_[i]) return false;
+      if (versioned_ >= 0 && (version(i) != versions_[i] || !(step_value(i) == step_values_[i]))) return false;
     }
     return true;
   }
@@ -324,11 +333,29 @@ class StateWatch {
   // After the step wrote the versioned tensors itself (Adam's step += 1).
   void note_versions() {
     versions_.clear();
+    step_values_.clear();
     if (versioned_ < 0) return;
-    for (size_t i = 0; i < entries_.size(); ++i) versions_.push_back(version(i));
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      versions_.push_back(version(i));
+      step_values_.push_back(step_value(i));
+    }
   }
 
  private:
+  static int64_t tensor_address(PyObject* obj) {
+    return THPVariable_Check(obj) ? address(THPVariable_Unpack(obj)) : 0;
+  }
+
+  // A one-element CPU tensor's value (where base_update keeps a step count it
+  // fuses), read without a device sync; NaN (never equal) for anything else.
+  double step_value(size_t i) const {
+    PyObject* obj = values_[i * keys_.size() + versioned_].ptr();
+    if (!THPVariable_Check(obj)) return std::nan("");
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (!t.device().is_cpu() || t.numel() != 1) return std::nan("");
+    return t.scalar_type() == at::kFloat ? static_cast<double>(*t.data_ptr<float>()) : t.item().toDouble();
+  }
+
   int64_t version(size_t i) const {
     PyObject* obj = values_[i * keys_.size() + versioned_].ptr();
     return THPVariable_Check(obj) ? THPVariable_Unpack(obj)._version() : -1;
@@ -339,6 +366,8 @@ class StateWatch {
   std::vector<py::object> params_, entries_, values_;  // held: their identities stay theirs
   std::unordered_map<PyObject*, size_t> index_;
   std::vector<int64_t> versions_;
+  std::vector<int64_t> addresses_;  // per value: its data address when watched (0: not a tensor)
+  std::vector<double> step_values_;  // per parameter: its step count when noted
 };
 
 // -- scans over the optimizer's parameters (presam_kernels/_host.py) -------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
 from . import _extension
 
 # Whether the C++ scans and the Triton table cache run where the extension is
@@ -83,8 +85,11 @@ def rows_with_grads(params):
 def state_watch(params, entries, keys, values, versioned_key):
     """What ``base_update.PlanCache`` checks a base optimizer's state with:
     ``holds(state)`` says whether ``state[params[i]]`` is still ``entries[i]``,
-    holding ``values[i * len(keys) + k]`` under ``keys[k]``, the tensors under
-    ``versioned_key`` unwritten since ``note_versions()`` (also at creation)."""
+    holding ``values[i * len(keys) + k]`` under ``keys[k]``, each still at its
+    data address (``t.data = other`` keeps the object), the tensors under
+    ``versioned_key`` unwritten since ``note_versions()`` (also at creation):
+    the same version counters and values (a write through ``t.data`` bumps
+    no version counter of ``t``)."""
     compiled = native()
     if compiled is not None:
         return compiled.StateWatch(list(params), list(entries), tuple(keys), list(values), versioned_key)
@@ -95,6 +100,7 @@ class _StateWatch:
     def __init__(self, params, entries, keys, values, versioned_key):
         self._params, self._entries, self._keys = list(params), list(entries), tuple(keys)
         self._values = list(values)
+        self._addresses = [_address(v) for v in self._values]
         self._versioned = self._keys.index(versioned_key) if versioned_key in self._keys else None
         self.note_versions()
 
@@ -104,7 +110,8 @@ class _StateWatch:
             if dict.get(state, p) is not entry:
                 return False
             for k, key in enumerate(self._keys):
-                if entry.get(key) is not self._values[i * n + k]:
+                value = entry.get(key)
+                if value is not self._values[i * n + k] or _address(value) != self._addresses[i * n + k]:
                     return False
         return self._versions() == self._noted
 
@@ -115,4 +122,11 @@ class _StateWatch:
         if self._versioned is None:
             return None
         n = len(self._keys)
-        return [getattr(self._values[i * n + self._versioned], "_version", None) for i in range(len(self._params))]
+        steps = [self._values[i * n + self._versioned] for i in range(len(self._params))]
+        # float(nan) never equals itself: anything but a one-element CPU tensor never holds.
+        return [(step._version, float(step) if step.device.type == "cpu" and step.numel() == 1 else float("nan"))
+                if isinstance(step, torch.Tensor) else float("nan") for step in steps]
+
+
+def _address(value):
+    return value.data_ptr() if isinstance(value, torch.Tensor) else 0

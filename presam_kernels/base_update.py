@@ -195,9 +195,9 @@ def plan(kind: str, optimizer, buckets, state) -> Plan | None:
                     return None  # some buffers start, others continue: torch's own path
                 if starts:
                     out.attach_list.append((p, "momentum_buffer", views[i]))
-                elif buf is not views[i]:
-                    if not _adoptable(buf, views[i]):
-                        return None
+                elif not _ours(buf, views[i], flats["momentum_buffer"], bucket.layout.offsets[i]):
+                    if buf is views[i] or not _adoptable(buf, views[i]):
+                        return None  # ours re-pointed through .data: torch's step uses it where it is
                     out.adopt_list.append((views[i], buf))
                     out.attach_list.append((p, "momentum_buffer", views[i]))
                 out.watched.append((p, entry, (buf,)))
@@ -219,8 +219,8 @@ def plan(kind: str, optimizer, buckets, state) -> Plan | None:
                     value = float(step)  # a CPU tensor: no device sync
                     for key in STATE_KEYS[ADAM]:
                         current = entry.get(key)
-                        if current is not views[key][i]:
-                            if not _adoptable(current, views[key][i]):
+                        if not _ours(current, views[key][i], flats[key], bucket.layout.offsets[i]):
+                            if current is views[key][i] or not _adoptable(current, views[key][i]):
                                 return None
                             out.adopt_list.append((views[key][i], current))
                             out.attach_list.append((p, key, views[key][i]))
@@ -310,6 +310,11 @@ class _SteadyPlan:
         if self.kind == ADAM:
             self.step_of = [None if step is None else step + 1.0 for step in self.step_of]
         self.watch.note_versions()
+
+
+def _ours(value, view, flat, offset) -> bool:
+    """Whether ``value`` is our ``view`` and still in its flat buffer (``view.data = other`` re-points it)."""
+    return value is view and view.data_ptr() == flat.data_ptr() + offset * flat.element_size()
 
 
 def _adoptable(value, view) -> bool:

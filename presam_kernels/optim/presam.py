@@ -122,6 +122,7 @@ def _step_hooks(func):
     from torch.optim import optimizer as optimizer_module
 
     def hooked(self, args, kwargs):
+        # As torch's: the hooks see the positional arguments with the optimizer first.
         for pre_hook in (*optimizer_module._global_optimizer_pre_hooks.values(),
                          *self._optimizer_step_pre_hooks.values()):
             result = pre_hook(self, args, kwargs)
@@ -129,7 +130,7 @@ def _step_hooks(func):
                 if not (isinstance(result, tuple) and len(result) == 2):
                     raise RuntimeError(f"{func} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
                 args, kwargs = result
-        out = func(self, *args, **kwargs)
+        out = func(*args, **kwargs)
         self._optimizer_step_code()
         for post_hook in (*self._optimizer_step_post_hooks.values(),
                           *optimizer_module._global_optimizer_post_hooks.values()):
@@ -140,8 +141,8 @@ def _step_hooks(func):
     def wrapper(self, *args, **kwargs):
         if torch._C._autograd._profiler_enabled():
             with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-                return hooked(self, args, kwargs)
-        return hooked(self, args, kwargs)
+                return hooked(self, (self, *args), kwargs)
+        return hooked(self, (self, *args), kwargs)
 
     return wrapper
 
@@ -361,8 +362,12 @@ class PreSAM(Optimizer):
             return "weight" in name
         return p.ndim >= 2
 
-    def _layout_key(self):
-        return _host.layout_key(self._params())  # (id, device, dtype) per parameter
+    def _layout_key(self, scan=None):
+        """(id, device, dtype) per parameter (``scan.layout_key`` where the caller
+        has it), and each param group's size: a parameter moved to the next
+        group keeps the order, not its group's hyperparameters."""
+        per_param = _host.layout_key(self._params()) if scan is None else scan.layout_key
+        return per_param, tuple(len(group["params"]) for group in self.param_groups)
 
     def _ensure_buckets(self, layout_key=None):
         """The buckets, rebuilt when parameters were added or moved to another
@@ -514,7 +519,7 @@ class PreSAM(Optimizer):
         rhos, group_perturbed = self._group_rhos()
         scan = _host.scan_params(self.param_groups)
         self._check_grads(scan)
-        buckets = self._ensure_buckets(scan.layout_key)
+        buckets = self._ensure_buckets(self._layout_key(scan))
         tables = [
             b.table(group_perturbed, out_of_place=self._out_of_place(b), merge=not self._bound_to_operands)
             for b in buckets
@@ -612,7 +617,7 @@ class PreSAM(Optimizer):
                 if zero_grad:
                     self.zero_grad()
                 return
-        if not self._fused_step(pending.tables, pending.group_perturbed, scan.layout_key):
+        if not self._fused_step(pending.tables, pending.group_perturbed, self._layout_key(scan)):
             self._restore(pending)
             self._base_step()
         if zero_grad:
