@@ -127,14 +127,17 @@ def walk_rows(
     args=, lanes=, start=, MASKED=)`` over elements ``start + lanes`` of the
     row: the whole chunks unmasked (so loads and stores vectorise), then, by
     the program that owns it, the row's last, partial chunk MASKED. ``acc`` is
-    carried through every chunk and returned (K1's sums; None elsewhere).
+    carried through every chunk and returned: K1's sums; elsewhere a one-element
+    tensor the chunks return unchanged and the compiler drops (None, a
+    constexpr, cannot be reassigned in a loop).
 
     ``args``: the launch's own values, a NamedTuple whose constexpr fields are
     the kernel's switches. They stay constexprs only while the tuple is passed
     as an argument: assigning a tuple to a name (``a = Args(...)``, ``v =
     args.variant``) turns every constexpr in it into an i32 tensor (Triton 3.6
-    and 3.9, ``visit_Assign``), and an ``if`` on one then compiles both
-    branches. So kernels build ``args`` inside the call, with their switches as
+    and 3.9, ``visit_Assign``), and an ``if`` on one becomes a branch at run
+    time, or fails to compile ("Mismatched type for c between then block ...
+    and else block"). So kernels build ``args`` inside the call, with their switches as
     its top-level fields; ``ctx`` is assigned here and holds tensors only.
     Pointers advance by ``start``, so the lanes' offsets stay 32-bit."""
     pid = tl.program_id(0)
