@@ -31,11 +31,12 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import typing
 from concurrent.futures import ProcessPoolExecutor
 
-from . import k1_reduce, k2_perturb, k3_restore, k4_restore_step
+from . import k1_reduce, k2_perturb, k3_restore, k4_restore_step, table
 
 KERNEL_MODULES = {"K1": k1_reduce, "K2": k2_perturb, "K3": k3_restore, "K4": k4_restore_step}
 # The parameter dtypes the buckets take to the kernels (Triton's names).
@@ -89,16 +90,18 @@ def jobs(every: bool = True) -> list[tuple[str, dict, str]]:
 
 
 def _calls_chunk(node) -> bool:
-    return any(
-        isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id.endswith("_chunk") for n in ast.walk(node)
-    )
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "CHUNK_FN" for n in ast.walk(node))
 
 
-def _hot_lines(fn) -> tuple[str, list]:
-    """(file name, line ranges) of the kernel's hot loops: the innermost
-    ``while`` loops that call a ``*_chunk`` function (a row's unmasked chunks)."""
+def _hot_lines() -> tuple[str, list]:
+    """(file name, line ranges) of the kernels' hot loop: the innermost
+    ``while`` loops of ``table.walk_rows`` (the one row walk) that call the
+    kernel's chunk function (a row's unmasked chunks). An access is in it when
+    one of its call sites is: Triton 3.9 names only the innermost, so a chunk
+    function makes its global accesses itself, not through a helper."""
+    fn = table.walk_rows
     lines, first = inspect.getsourcelines(fn.fn)
-    loops = [n for n in ast.walk(ast.parse("".join(lines))) if isinstance(n, ast.While) and _calls_chunk(n)]
+    loops = [n for n in ast.walk(ast.parse(textwrap.dedent("".join(lines)))) if isinstance(n, ast.While) and _calls_chunk(n)]
     inner = [n for n in loops if not any(isinstance(m, ast.While) and m is not n for m in ast.walk(n))]
     return os.path.basename(inspect.getsourcefile(fn.fn)), [range(n.lineno + first - 1, n.end_lineno + first) for n in inner]
 
@@ -112,7 +115,7 @@ _INLINED_AT = re.compile(r"inlined_at\s+(\d+)\s+(\d+)\s+\d+")
 _FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"')
 
 
-def accesses(ptx: str, kernel_file: str, hot: list) -> dict:
+def accesses(ptx: str, hot_file: str, hot: list) -> dict:
     """Widths (bits) of global loads and stores, split into the hot loops' and the rest."""
     out = {"hot_ld": [], "hot_st": [], "other_ld": [], "other_st": []}
     files = {m.group(1): os.path.basename(m.group(2)) for m in map(_FILE.match, ptx.splitlines()) if m}
@@ -128,7 +131,7 @@ def accesses(ptx: str, kernel_file: str, hot: list) -> dict:
         if not m or line.lstrip().startswith("//"):
             continue
         bits = int(m.group(2) or 1) * int(m.group(3))
-        is_hot = any(f == kernel_file and n in r for f, n in sites for r in hot)
+        is_hot = any(f == hot_file and n in r for f, n in sites for r in hot)
         out[("hot_" if is_hot else "other_") + m.group(1)].append(bits)
     return out
 
@@ -206,7 +209,7 @@ def compile_one(job: tuple, arch: int) -> dict:
     record.update(found)
     record["dynamic_shared"] = kernel.metadata.shared
     record["ptx_hash"] = key[:16]
-    record.update(accesses(ptx, *_hot_lines(fn)))
+    record.update(accesses(ptx, *_hot_lines()))
     return record
 
 

@@ -8,6 +8,8 @@ identical.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
@@ -15,7 +17,7 @@ from ...preconditioners import Constraint, Objective, Preconditioner
 from .precondition import (
     ADAPTIVE, ASAM, GRADIENT, Scalars, load_ema_ready, precondition, variant_constexprs, variant_scalars,
 )
-from .table import CHUNK, FLAG_WEIGHT, load_row, owns_tail, row_chunks
+from .table import CHUNK, FLAG_WEIGHT, walk_rows
 
 # 4 warps x 32 threads x 8 elements = one 1024-element chunk per step. Not
 # measured yet; to be tuned on the GPU together with table.CHUNK.
@@ -28,32 +30,50 @@ NUM_WARPS = 4
 MAX_REGISTERS = 168
 
 
+class _Args(NamedTuple):
+    """The launch's values every row and chunk reads (see table.walk_rows:
+    built in the call, so the switches stay constexprs)."""
+
+    grad_ema_ptr: tl.tensor
+    scalars: Scalars
+    OBJECTIVE: tl.constexpr
+    CONSTRAINT: tl.constexpr
+    EMA_READY: tl.constexpr
+
+
+class _RowCtx(NamedTuple):
+    m_ptr: tl.tensor  # the row's EMA
+    is_weight: tl.tensor
+    walk: tl.tensor  # every row counts
+
+
 @triton.jit
-def _reduce_chunk(
-    acc, row, m_ptr, is_weight, scalars, lanes, start,
-    OBJECTIVE: tl.constexpr, CONSTRAINT: tl.constexpr, EMA_READY: tl.constexpr, MASKED: tl.constexpr,
-):
-    """acc + (c u)^2 over elements ``start + lanes`` of ``row``; MASKED only
-    for the row's last, partial chunk. ``m_ptr``: the row's EMA."""
+def _reduce_row(row, args):
+    return _RowCtx(m_ptr=args.grad_ema_ptr + row.offset, is_weight=(row.flags & FLAG_WEIGHT) != 0, walk=True)
+
+
+@triton.jit
+def _reduce_chunk(acc, row, ctx, args, lanes, start, MASKED: tl.constexpr):
+    """acc + (c u)^2 over elements ``start + lanes`` of ``row``."""
     mask = lanes < row.length - start if MASKED else None
     other = 0.0 if MASKED else None
     g = tl.load(row.g_ptr + start + lanes, mask=mask, other=other).to(tl.float32)
-    if CONSTRAINT == ADAPTIVE:
+    if args.CONSTRAINT == ADAPTIVE:
         x = tl.load(row.x_ptr + start + lanes, mask=mask, other=other).to(tl.float32)
-    elif CONSTRAINT == ASAM:  # c = 1 on non-weight rows: x not needed
-        if is_weight:  # a branch, not a mask: see k2_perturb on scalar masks
+    elif args.CONSTRAINT == ASAM:  # c = 1 on non-weight rows: x not needed
+        if ctx.is_weight:  # a branch, not a mask: see k2_perturb on scalar masks
             x = tl.load(row.x_ptr + start + lanes, mask=mask, other=other).to(tl.float32)
         else:
             x = tl.zeros_like(g)
     else:
         x = g
-    if OBJECTIVE != GRADIENT and EMA_READY:
-        m = tl.load(m_ptr + start + lanes, mask=mask, other=other)
+    if args.OBJECTIVE != GRADIENT and args.EMA_READY:
+        m = tl.load(ctx.m_ptr + start + lanes, mask=mask, other=other)
     else:
         m = g
     cu, c, m_new = precondition(
-        g=g, x=x, m=m, is_weight=is_weight, scalars=scalars,
-        OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT, EMA_READY=EMA_READY,
+        g=g, x=x, m=m, is_weight=ctx.is_weight, scalars=args.scalars,
+        OBJECTIVE=args.OBJECTIVE, CONSTRAINT=args.CONSTRAINT, EMA_READY=args.EMA_READY,
     )
     if MASKED:
         cu = tl.where(mask, cu, 0.0)
@@ -79,34 +99,18 @@ def _reduce_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    elem = backup_ptr.dtype.element_ty
     scalars = Scalars(
         ema_ready=load_ema_ready(ema_ready_ptr, OBJECTIVE, EMA_READY), ema_weight=ema_weight,
         old_weight=old_weight, delta=delta, eta=eta,
     )
-    lanes = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    r = 0
-    while r < n_rows:  # while, not range: see table.py on the interpreter
-        row = load_row(table_ptr, r, elem, ALIGNED)
-        m_ptr = grad_ema_ptr + row.offset
-        is_weight = (row.flags & FLAG_WEIGHT) != 0
-        chunk, full = row_chunks(row, pid, num_programs, True, BLOCK)
-        while chunk < full:  # whole chunks, unmasked (so loads vectorise)
-            acc = _reduce_chunk(
-                acc=acc, row=row, m_ptr=m_ptr, is_weight=is_weight, scalars=scalars, lanes=lanes,
-                start=chunk * BLOCK, OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT, EMA_READY=EMA_READY, MASKED=False,
-            )
-            chunk += num_programs
-        if owns_tail(chunk, full, row.length, BLOCK):
-            acc = _reduce_chunk(
-                acc=acc, row=row, m_ptr=m_ptr, is_weight=is_weight, scalars=scalars, lanes=lanes,
-                start=chunk * BLOCK, OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT, EMA_READY=EMA_READY, MASKED=True,
-            )
-        r += 1
-    tl.store(partials_ptr + slot + pid, tl.sum(acc, axis=0))
+    acc = walk_rows(
+        table_ptr=table_ptr, n_rows=n_rows, elem=backup_ptr.dtype.element_ty, acc=tl.zeros([BLOCK], dtype=tl.float32),
+        args=_Args(
+            grad_ema_ptr=grad_ema_ptr, scalars=scalars, OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT, EMA_READY=EMA_READY,
+        ),
+        ROW_FN=_reduce_row, CHUNK_FN=_reduce_chunk, ALIGNED=ALIGNED, BLOCK=BLOCK,
+    )
+    tl.store(partials_ptr + slot + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 KERNEL = _reduce_kernel

@@ -13,12 +13,14 @@ SAM's own traffic is 16 B per fp32 element (docs/design.md §3).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
 from ...preconditioners import Constraint, Objective, Preconditioner
 from .precondition import GRADIENT, INFO, Scalars, load_ema_ready, precondition, variant_constexprs, variant_scalars
-from .table import CHUNK, FLAG_PERTURBED, FLAG_WEIGHT, PARTIALS_BLOCK, load_row, owns_tail, row_chunks
+from .table import CHUNK, FLAG_PERTURBED, FLAG_WEIGHT, PARTIALS_BLOCK, walk_rows
 
 # Same work per element as K1 plus the writes; same shape. Not measured yet.
 NUM_WARPS = 4
@@ -29,47 +31,82 @@ MAX_REGISTERS = 128
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
+class _Args(NamedTuple):
+    """The launch's values every row and chunk reads (see table.walk_rows:
+    built in the call, so the switches stay constexprs)."""
+
+    backup_ptr: tl.tensor  # OUT_OF_PLACE: the adversarial buffer
+    grad_ema_ptr: tl.tensor
+    rho_ptr: tl.tensor
+    ok: tl.tensor  # the step is not skipped
+    scale: tl.tensor  # 1 / (norm + eps), 0 when skipped
+    scalars: Scalars
+    OBJECTIVE: tl.constexpr
+    CONSTRAINT: tl.constexpr
+    EMA_READY: tl.constexpr
+    OUT_OF_PLACE: tl.constexpr
+
+
+class _RowCtx(NamedTuple):
+    m_ptr: tl.tensor  # the row's EMA
+    b_ptr: tl.tensor  # the row's backup (OUT_OF_PLACE: adversarial) slice
+    is_weight: tl.tensor
+    perturbed: tl.tensor
+    factor: tl.tensor  # scale * the group's rho
+    walk: tl.tensor
+
+
 @triton.jit
-def _perturb_chunk(
-    row, m_ptr, b_ptr, is_weight, perturbed, ok, factor, scalars, lanes, start,
-    OBJECTIVE: tl.constexpr, CONSTRAINT: tl.constexpr, EMA_READY: tl.constexpr, OUT_OF_PLACE: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+def _perturb_row(row, args):
+    perturbed = (row.flags & FLAG_PERTURBED) != 0
+    if args.OBJECTIVE == GRADIENT:  # no state to update: an unperturbed row is not touched
+        walk = perturbed
+    else:
+        walk = True
+    return _RowCtx(
+        m_ptr=args.grad_ema_ptr + row.offset, b_ptr=args.backup_ptr + row.offset,
+        is_weight=(row.flags & FLAG_WEIGHT) != 0, perturbed=perturbed,
+        factor=args.scale * tl.load(args.rho_ptr + row.group), walk=walk,
+    )
+
+
+@triton.jit
+def _perturb_chunk(acc, row, ctx, args, lanes, start, MASKED: tl.constexpr):
     """m <- m_new (unless skipped); backup <- x and x <- x + e (perturbed rows,
-    x only unless skipped) over elements ``start + lanes`` of ``row``; MASKED
-    only for its last chunk. ``m_ptr``, ``b_ptr``: the row's EMA and backup
-    slices (OUT_OF_PLACE: the adversarial slice, written x + e, or x)."""
+    x only unless skipped) over elements ``start + lanes`` of ``row``
+    (OUT_OF_PLACE: the adversarial slice written x + e, or x)."""
     in_row = lanes < row.length - start if MASKED else None
     other = 0.0 if MASKED else None
     g = tl.load(row.g_ptr + start + lanes, mask=in_row, other=other).to(tl.float32)
     x_raw = tl.load(row.x_ptr + start + lanes, mask=in_row, other=other)
     x = x_raw.to(tl.float32)
-    if OBJECTIVE != GRADIENT and EMA_READY:
-        m = tl.load(m_ptr + start + lanes, mask=in_row, other=other)
+    if args.OBJECTIVE != GRADIENT and args.EMA_READY:
+        m = tl.load(ctx.m_ptr + start + lanes, mask=in_row, other=other)
     else:
         m = g
     cu, c, m_new = precondition(
-        g=g, x=x, m=m, is_weight=is_weight, scalars=scalars,
-        OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT, EMA_READY=EMA_READY,
+        g=g, x=x, m=m, is_weight=ctx.is_weight, scalars=args.scalars,
+        OBJECTIVE=args.OBJECTIVE, CONSTRAINT=args.CONSTRAINT, EMA_READY=args.EMA_READY,
     )
     # The row- and launch-wide conditions (perturbed, ok) are branches, not
     # parts of the mask: a scalar i1 in a mask is rejected by Triton 3.9's
     # interpreter, and a branch keeps the unmasked stores unpredicated.
-    if OBJECTIVE != GRADIENT:
-        if ok:
-            tl.store(m_ptr + start + lanes, m_new, mask=in_row)
-    e = c * cu * factor
+    if args.OBJECTIVE != GRADIENT:
+        if args.ok:
+            tl.store(ctx.m_ptr + start + lanes, m_new, mask=in_row)
+    e = c * cu * ctx.factor
     if x_raw.dtype == tl.float64:  # added in fp64, as eager's addcmul does: in fp32 x itself would round
         x_adv = x_raw + e.to(tl.float64)
     else:
         x_adv = (x + e).to(x_raw.dtype)
-    if perturbed:
-        if OUT_OF_PLACE:
-            tl.store(b_ptr + start + lanes, tl.where(ok, x_adv, x_raw), mask=in_row)
+    if ctx.perturbed:
+        if args.OUT_OF_PLACE:
+            tl.store(ctx.b_ptr + start + lanes, tl.where(args.ok, x_adv, x_raw), mask=in_row)
         else:
-            tl.store(b_ptr + start + lanes, x_raw, mask=in_row)
-            if ok:
+            tl.store(ctx.b_ptr + start + lanes, x_raw, mask=in_row)
+            if args.ok:
                 tl.store(row.x_ptr + start + lanes, x_adv, mask=in_row)
+    return acc
 
 
 @triton.jit(do_not_specialize=["has_found_inf", "write_norm"])
@@ -100,9 +137,6 @@ def _perturb_kernel(
     BLOCK: tl.constexpr,
     PARTIALS_BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    elem = backup_ptr.dtype.element_ty
     ema_ready = load_ema_ready(ema_ready_ptr, OBJECTIVE, EMA_READY)
 
     # The global norm, identically in every program (same lanes, same order).
@@ -116,44 +150,24 @@ def _perturb_kernel(
     skipped = (norm != norm) | (norm > FLT_MAX)
     if has_found_inf != 0:
         skipped = skipped | (tl.load(found_inf_ptr).to(tl.float32) > 0.0)
-    ok = skipped == 0
     if OBJECTIVE == INFO and EMA_READY:
         eps = eps_norm * ((1.0 - ema_ready) + ema_ready * delta)  # u is scaled by delta once the EMA is warm
     else:
         eps = eps_norm
     scale = tl.where(skipped, 0.0, tl.div_rn(1.0, norm + eps))
-    if (write_norm != 0) & (pid == 0):
+    if (write_norm != 0) & (tl.program_id(0) == 0):
         tl.store(norm_ptr, norm)
         tl.store(skipped_ptr, skipped.to(tl.uint8))
 
-    scalars = Scalars(ema_ready=ema_ready, ema_weight=ema_weight, old_weight=old_weight, delta=delta, eta=eta)
-    lanes = tl.arange(0, BLOCK)
-    r = 0
-    while r < n_rows:  # while, not range: see table.py on the interpreter
-        row = load_row(table_ptr, r, elem, ALIGNED)
-        m_ptr = grad_ema_ptr + row.offset
-        b_ptr = backup_ptr + row.offset
-        is_weight = (row.flags & FLAG_WEIGHT) != 0
-        perturbed = (row.flags & FLAG_PERTURBED) != 0
-        factor = scale * tl.load(rho_ptr + row.group)
-        walk = True
-        if OBJECTIVE == GRADIENT:  # no state to update: an unperturbed row is not touched
-            walk = perturbed
-        chunk, full = row_chunks(row, pid, num_programs, walk, BLOCK)
-        while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
-            _perturb_chunk(
-                row=row, m_ptr=m_ptr, b_ptr=b_ptr, is_weight=is_weight, perturbed=perturbed, ok=ok, factor=factor,
-                scalars=scalars, lanes=lanes, start=chunk * BLOCK, OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT,
-                EMA_READY=EMA_READY, OUT_OF_PLACE=OUT_OF_PLACE, MASKED=False,
-            )
-            chunk += num_programs
-        if owns_tail(chunk, full, row.length, BLOCK):
-            _perturb_chunk(
-                row=row, m_ptr=m_ptr, b_ptr=b_ptr, is_weight=is_weight, perturbed=perturbed, ok=ok, factor=factor,
-                scalars=scalars, lanes=lanes, start=chunk * BLOCK, OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT,
-                EMA_READY=EMA_READY, OUT_OF_PLACE=OUT_OF_PLACE, MASKED=True,
-            )
-        r += 1
+    walk_rows(
+        table_ptr=table_ptr, n_rows=n_rows, elem=backup_ptr.dtype.element_ty, acc=tl.zeros([1], dtype=tl.int1),
+        args=_Args(
+            backup_ptr=backup_ptr, grad_ema_ptr=grad_ema_ptr, rho_ptr=rho_ptr, ok=skipped == 0, scale=scale,
+            scalars=Scalars(ema_ready=ema_ready, ema_weight=ema_weight, old_weight=old_weight, delta=delta, eta=eta),
+            OBJECTIVE=OBJECTIVE, CONSTRAINT=CONSTRAINT, EMA_READY=EMA_READY, OUT_OF_PLACE=OUT_OF_PLACE,
+        ),
+        ROW_FN=_perturb_row, CHUNK_FN=_perturb_chunk, ALIGNED=ALIGNED, BLOCK=BLOCK,
+    )
 
 
 KERNEL = _perturb_kernel

@@ -5,40 +5,47 @@ A copy in the parameters' own dtype (no conversion, so every bit pattern,
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
-from .table import CHUNK, FLAG_PERTURBED, load_row, owns_tail, row_chunks
+from .table import CHUNK, FLAG_PERTURBED, walk_rows
 
 # A pure copy; same chunking as K1/K2. Not measured yet.
 NUM_WARPS = 4
 
 
+class _Args(NamedTuple):
+    """The launch's values every row reads (see table.walk_rows)."""
+
+    backup_ptr: tl.tensor
+
+
+class _RowCtx(NamedTuple):
+    b_ptr: tl.tensor  # the row's backup slice
+    walk: tl.tensor  # an unperturbed row was never written: skipped
+
+
 @triton.jit
-def _restore_chunk(row, b_ptr, lanes, start, MASKED: tl.constexpr):
-    """x <- backup over elements ``start + lanes`` of ``row`` (``b_ptr``: its backup slice)."""
+def _restore_row(row, args):
+    return _RowCtx(b_ptr=args.backup_ptr + row.offset, walk=(row.flags & FLAG_PERTURBED) != 0)
+
+
+@triton.jit
+def _restore_chunk(acc, row, ctx, args, lanes, start, MASKED: tl.constexpr):
+    """x <- backup over elements ``start + lanes`` of ``row``."""
     mask = lanes < row.length - start if MASKED else None
-    tl.store(row.x_ptr + start + lanes, tl.load(b_ptr + start + lanes, mask=mask), mask=mask)
+    tl.store(row.x_ptr + start + lanes, tl.load(ctx.b_ptr + start + lanes, mask=mask), mask=mask)
+    return acc
 
 
 @triton.jit
 def _restore_kernel(table_ptr, n_rows, backup_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    elem = backup_ptr.dtype.element_ty
-    lanes = tl.arange(0, BLOCK)
-    r = 0
-    while r < n_rows:  # while, not range: see table.py on the interpreter
-        row = load_row(table_ptr, r, elem, ALIGNED)
-        b_ptr = backup_ptr + row.offset
-        # An unperturbed row was never written: skipped.
-        chunk, full = row_chunks(row, pid, num_programs, (row.flags & FLAG_PERTURBED) != 0, BLOCK)
-        while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
-            _restore_chunk(row=row, b_ptr=b_ptr, lanes=lanes, start=chunk * BLOCK, MASKED=False)
-            chunk += num_programs
-        if owns_tail(chunk, full, row.length, BLOCK):
-            _restore_chunk(row=row, b_ptr=b_ptr, lanes=lanes, start=chunk * BLOCK, MASKED=True)
-        r += 1
+    walk_rows(
+        table_ptr=table_ptr, n_rows=n_rows, elem=backup_ptr.dtype.element_ty, acc=tl.zeros([1], dtype=tl.int1),
+        args=_Args(backup_ptr=backup_ptr), ROW_FN=_restore_row, CHUNK_FN=_restore_chunk, ALIGNED=ALIGNED, BLOCK=BLOCK,
+    )
 
 
 KERNEL = _restore_kernel

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ... import base_update
 from ...base_update import ADAM_COLUMNS, SGD_COLUMNS, STATE_KEYS
-from .table import CHUNK, FLAG_PERTURBED, load_row, owns_tail, row_chunks
+from .table import CHUNK, FLAG_PERTURBED, walk_rows
 
 # A streaming update like K3 plus the state: same chunking. Not measured yet.
 NUM_WARPS = 4
@@ -109,24 +109,58 @@ def _load_hyper(h, KIND: tl.constexpr):
     return hyper
 
 
+class _Args(NamedTuple):
+    """The launch's values every row and chunk reads (see table.walk_rows:
+    built in the call, so the switches stay constexprs)."""
+
+    backup_ptr: tl.tensor
+    hyper_ptr: tl.tensor
+    state1_ptr: tl.tensor
+    state2_ptr: tl.tensor
+    KIND: tl.constexpr
+    FROM_BACKUP: tl.constexpr
+
+
+class _RowCtx(NamedTuple):
+    src_ptr: tl.tensor  # the saved x: the backup slice of a perturbed row (FROM_BACKUP), else x
+    s1_ptr: tl.tensor  # the row's state slices
+    s2_ptr: tl.tensor
+    h: tl.tuple  # the group's hyperparameters (_SgdHyper or _AdamHyper)
+    walk: tl.tensor  # every row steps
+
+
 @triton.jit
-def _restore_step_chunk(
-    x_ptr, src_ptr, g_ptr, s1_ptr, s2_ptr, h, lanes, length, KIND: tl.constexpr, MASKED: tl.constexpr
-):
-    """x <- the base step from the saved x (at ``src_ptr``) over elements
-    ``lanes`` of a chunk (pointers at its start, ``length`` elements left in
-    the row); ``s1_ptr``, ``s2_ptr``: the state; ``h``: the group's
-    hyperparameters (_SgdHyper or _AdamHyper). Unlike K1-K3's chunk functions
-    it takes pointers, not the row and ``start``: ptxas gives the unaligned
-    Adam variants 80-116 registers the other way, 72-118 this way (as before
-    the named-arguments rewrite)."""
-    mask = lanes < length if MASKED else None
+def _restore_step_row(row, args):
+    src_ptr = row.x_ptr
+    if args.FROM_BACKUP:
+        if (row.flags & FLAG_PERTURBED) != 0:
+            src_ptr = args.backup_ptr + row.offset
+    return _RowCtx(
+        src_ptr=src_ptr, s1_ptr=args.state1_ptr + row.offset, s2_ptr=args.state2_ptr + row.offset,
+        h=_load_hyper(args.hyper_ptr + row.group * HYPER_WIDTH, args.KIND), walk=True,
+    )
+
+
+@triton.jit
+def _restore_step_chunk(acc, row, ctx, args, lanes, start, MASKED: tl.constexpr):
+    """x <- the base step from the saved x over elements ``start + lanes`` of
+    ``row``, and its state with it."""
+    # Pointers at the chunk, each advanced once: ptxas gives the unaligned Adam
+    # variants 80-116 registers with ``row.x_ptr + start + lanes`` at every
+    # access, 72-118 this way.
+    x_ptr = row.x_ptr + start
+    src_ptr = ctx.src_ptr + start
+    g_ptr = row.g_ptr + start
+    s1_ptr = ctx.s1_ptr + start
+    s2_ptr = ctx.s2_ptr + start
+    h = ctx.h
+    mask = lanes < row.length - start if MASKED else None
     other = 0.0 if MASKED else None
     x_raw = tl.load(src_ptr + lanes, mask=mask, other=other)
     elem = x_raw.dtype
     x = x_raw.to(tl.float32)
     g = tl.load(g_ptr + lanes, mask=mask, other=other).to(tl.float32)
-    if KIND == SGD:
+    if args.KIND == SGD:
         d = tl.where(h.maximize != 0.0, -g, g)
         d = tl.where(h.weight_decay != 0.0, _round(d + h.weight_decay * x, elem), d)
         # A branch, not a mask: without momentum there is no buffer (state1 is
@@ -158,6 +192,7 @@ def _restore_step_chunk(
         denom = _round(_round(tl.div_rn(_round(tl.sqrt_rn(v), elem), h.bias_correction2_sqrt), elem) + h.eps, elem)
         x_new = x + tl.div_rn(h.neg_step_size * m, denom)
     tl.store(x_ptr + lanes, x_new.to(elem), mask=mask)
+    return acc
 
 
 @triton.jit
@@ -173,35 +208,14 @@ def _restore_step_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    elem = backup_ptr.dtype.element_ty
-    lanes = tl.arange(0, BLOCK)
-    r = 0
-    while r < n_rows:  # while, not range: see table.py on the interpreter
-        row = load_row(table_ptr, r, elem, ALIGNED)
-        src_ptr = row.x_ptr
-        if FROM_BACKUP:
-            if (row.flags & FLAG_PERTURBED) != 0:
-                src_ptr = backup_ptr + row.offset
-        s1_ptr = state1_ptr + row.offset
-        s2_ptr = state2_ptr + row.offset
-        h = _load_hyper(hyper_ptr + row.group * HYPER_WIDTH, KIND)
-        chunk, full = row_chunks(row, pid, num_programs, True, BLOCK)
-        while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
-            start = chunk * BLOCK
-            _restore_step_chunk(
-                x_ptr=row.x_ptr + start, src_ptr=src_ptr + start, g_ptr=row.g_ptr + start, s1_ptr=s1_ptr + start,
-                s2_ptr=s2_ptr + start, h=h, lanes=lanes, length=row.length - start, KIND=KIND, MASKED=False,
-            )
-            chunk += num_programs
-        if owns_tail(chunk, full, row.length, BLOCK):
-            start = chunk * BLOCK
-            _restore_step_chunk(
-                x_ptr=row.x_ptr + start, src_ptr=src_ptr + start, g_ptr=row.g_ptr + start, s1_ptr=s1_ptr + start,
-                s2_ptr=s2_ptr + start, h=h, lanes=lanes, length=row.length - start, KIND=KIND, MASKED=True,
-            )
-        r += 1
+    walk_rows(
+        table_ptr=table_ptr, n_rows=n_rows, elem=backup_ptr.dtype.element_ty, acc=tl.zeros([1], dtype=tl.int1),
+        args=_Args(
+            backup_ptr=backup_ptr, hyper_ptr=hyper_ptr, state1_ptr=state1_ptr, state2_ptr=state2_ptr, KIND=KIND,
+            FROM_BACKUP=FROM_BACKUP,
+        ),
+        ROW_FN=_restore_step_row, CHUNK_FN=_restore_step_chunk, ALIGNED=ALIGNED, BLOCK=BLOCK,
+    )
 
 
 KERNEL = _restore_step_kernel

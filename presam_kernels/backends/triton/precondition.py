@@ -27,8 +27,8 @@ FISHER = tl.constexpr(Constraint.FISHER.code)
 
 class Scalars(NamedTuple):
     """The launch's scalars ``precondition`` reads (K1 and K2 build one in the
-    kernel; the switches travel beside it: a constexpr in a tuple would become
-    an i32 value)."""
+    kernel and pass it in their walk's ``args``; the switches are ``args``'
+    own fields, see table.walk_rows)."""
 
     ema_ready: tl.tensor  # 1.0 once the EMA has had a finite step, else 0.0 (see load_ema_ready)
     ema_weight: tl.tensor  # the new gradient's weight in the EMA

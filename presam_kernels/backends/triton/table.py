@@ -115,30 +115,47 @@ def first_chunk(pid, num_programs, chunk_start):
 
 
 @triton.jit
-def row_chunks(row, pid, num_programs, walk, BLOCK: tl.constexpr):
-    """(this program's first chunk of ``row``, the row's number of whole
-    chunks); with ``walk`` False, -1 whole chunks and no tail: the row is
-    skipped. A kernel's row walk is then::
+def walk_rows(
+    table_ptr, n_rows, elem, acc, args,
+    ROW_FN: tl.constexpr, CHUNK_FN: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The one row walk of K1-K4: this program's chunks of every row of the table.
 
-        chunk, full = row_chunks(...)
-        while chunk < full:  # whole chunks, unmasked (so loads and stores vectorise)
-            ..._chunk(..., start=chunk * BLOCK, MASKED=False)
+    Per row, ``ctx = ROW_FN(row=, args=)``: what the kernel derives once from
+    the row (pointers into its flat buffers, a scale), with a ``walk`` field
+    (False: the row is skipped). Per chunk, ``acc = CHUNK_FN(acc=, row=, ctx=,
+    args=, lanes=, start=, MASKED=)`` over elements ``start + lanes`` of the
+    row: the whole chunks unmasked (so loads and stores vectorise), then, by
+    the program that owns it, the row's last, partial chunk MASKED. ``acc`` is
+    carried through every chunk and returned: K1's sums; elsewhere a one-element
+    tensor the chunks return unchanged and the compiler drops (None, a
+    constexpr, cannot be reassigned in a loop).
+
+    ``args``: the launch's own values, a NamedTuple whose constexpr fields are
+    the kernel's switches. They stay constexprs only while the tuple is passed
+    as an argument: assigning a tuple to a name (``a = Args(...)``, ``v =
+    args.variant``) turns every constexpr in it into an i32 tensor (Triton 3.6
+    and 3.9, ``visit_Assign``), and an ``if`` on one becomes a branch at run
+    time, or fails to compile ("Mismatched type for c between then block ...
+    and else block"). So kernels build ``args`` inside the call, with their switches as
+    its top-level fields; ``ctx`` is assigned here and holds tensors only.
+    Pointers advance by ``start``, so the lanes' offsets stay 32-bit."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+    r = 0
+    while r < n_rows:  # while, not range: see the module docstring on the interpreter
+        row = load_row(table_ptr, r, elem, ALIGNED)
+        ctx = ROW_FN(row=row, args=args)
+        full = tl.where(ctx.walk, row.length // BLOCK, -1)  # -1: no whole chunk and no tail
+        chunk = first_chunk(pid, num_programs, row.chunk_start)
+        while chunk < full:  # the hot loop: whole chunks, unmasked
+            acc = CHUNK_FN(acc=acc, row=row, ctx=ctx, args=args, lanes=lanes, start=chunk * BLOCK, MASKED=False)
             chunk += num_programs
-        if owns_tail(chunk, full, row.length, BLOCK):
-            ..._chunk(..., start=chunk * BLOCK, MASKED=True)
-
-    (Triton turns a constexpr carried in a tuple into an i32 value, so one
-    walk function calling the kernel's chunk function could not pass it the
-    kernel's switches: the two loops stay in each kernel.) Pointers advance
-    by ``start``, so the lanes' offsets stay 32-bit."""
-    full = tl.where(walk, row.length // BLOCK, -1)
-    return first_chunk(pid, num_programs, row.chunk_start), full
-
-
-@triton.jit
-def owns_tail(chunk, full, length, BLOCK: tl.constexpr):
-    """Whether the program that stopped at ``chunk`` owns the row's last, partial chunk."""
-    return (chunk == full) & (full * BLOCK < length)
+        if (chunk == full) & (full * BLOCK < row.length):  # this program owns the partial last chunk
+            acc = CHUNK_FN(acc=acc, row=row, ctx=ctx, args=args, lanes=lanes, start=chunk * BLOCK, MASKED=True)
+        r += 1
+    return acc
 
 
 def interpreting() -> bool:
