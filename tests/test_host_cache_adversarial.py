@@ -17,7 +17,8 @@ import torch
 from helpers import assert_close
 from presam_kernels import SAM, _host, extension_available
 from test_plan_cache import (
-    CHANGES, SHAPES, STEPS_AFTER, STEPS_BEFORE, TOL, assert_same, backward, make, sam_step,
+    CHANGES, SHAPES, STEPS_AFTER, STEPS_BEFORE, TOL, backward, change_between_steps_in_lockstep, make,
+    sam_step,
 )
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="the C++ extension is not built")
@@ -57,18 +58,7 @@ CASES = [
 
 @pytest.mark.parametrize("kind, change", [pytest.param(k, c, id=f"{k}-{c.__name__}") for k, c in CASES])
 def test_a_write_through_data_is_seen_by_the_next_fused_step(host_path, kind, change):
-    fused_params, fused = make(kind, "cpp")
-    ref_params, ref = make(kind, "eager")
-    for step in range(STEPS_BEFORE):
-        sam_step(fused, fused_params, step)
-        sam_step(ref, ref_params, step)
-    assert fused._plans._steady is not None, "the plan was not kept: the case tests nothing"
-    change(fused, fused_params)
-    change(ref, ref_params)
-    for step in range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER):
-        sam_step(fused, fused_params, step)
-        sam_step(ref, ref_params, step)
-        assert_same(fused, fused_params, ref, ref_params, f"{change.__name__}, step {step}")
+    change_between_steps_in_lockstep(kind, change)
 
 
 def test_second_steps_hooks_get_the_arguments_torchs_step_hooks_get():
