@@ -344,6 +344,18 @@ class PreSAM(Optimizer):
         """Whether first_step ran and neither second_step nor restore has since."""
         return getattr(self, "_pending", None) is not None
 
+    def _check_linked_to_base(self):
+        """The optimizer and its base share one ``state`` and one ``param_groups``
+        (``__init__``, ``load_state_dict``); torch's ``load_state_dict`` called on
+        the base optimizer itself gives it new ones, which the steps would not see."""
+        if self.state is not self.base_optimizer.state or self.param_groups is not self.base_optimizer.param_groups:
+            raise RuntimeError(
+                f"the base optimizer's state or param_groups are no longer this {type(self).__name__}'s (was "
+                "opt.base_optimizer.load_state_dict() called, or opt.state / opt.param_groups replaced?), so a "
+                "step would read one and write the other; load checkpoints through opt.load_state_dict(), "
+                "which keeps them shared"
+            )
+
     def _refuse_midstep(self, what):
         if self._step_pending():
             raise RuntimeError(_MIDSTEP.format(what=what))
@@ -516,6 +528,7 @@ class PreSAM(Optimizer):
                 "first_step() was called twice in a row; call second_step() (or restore()) "
                 "after the second backward before the next first_step()"
             )
+        self._check_linked_to_base()
         rhos, group_perturbed = self._group_rhos()
         scan = _host.scan_params(self.param_groups)
         self._check_grads(scan)
@@ -575,6 +588,7 @@ class PreSAM(Optimizer):
                 "second_step() was called without first_step(); the order is: backward, "
                 "first_step(), backward at the perturbed point, second_step()"
             )
+        self._check_linked_to_base()
         scaler = amp.active(grad_scaler)
         if scaler is not None and not pending.grad_scaler_used:
             raise RuntimeError(
