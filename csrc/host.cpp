@@ -305,7 +305,6 @@ class StateWatch {
   }
 
   bool holds(const py::dict& state) const {
-    std::vector<char> seen(entries_.size(), 0);
     size_t found = 0;
     PyObject *key, *value;
     Py_ssize_t pos = 0;
@@ -313,8 +312,7 @@ class StateWatch {
       auto it = index_.find(key);
       if (it == index_.end()) continue;
       if (value != entries_[it->second].ptr()) return false;  // the entry was replaced
-      seen[it->second] = 1;
-      ++found;
+      ++found;  // dict keys are unique: each watched parameter is met once at most
     }
     if (found != entries_.size()) return false;  // an entry was removed
     const size_t n_keys = keys_.size();
@@ -421,14 +419,6 @@ bool sparse_grad(PyObject* param) {
   return THPVariable_Check(grad.ptr()) && THPVariable_Unpack(grad.ptr()).layout() == at::kSparse;
 }
 
-// Whether any parameter has a sparse (COO) gradient.
-bool any_sparse_grad(const py::list& params) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (sparse_grad(PyList_GET_ITEM(params.ptr(), i))) return true;
-  }
-  return false;
-}
-
 // (layout_key, data_addresses, any_sparse_grad) of the parameters of every
 // param group (``groups``: the optimizer's param_groups) in one walk over them,
 // without listing them first: each walk costs ~30-100 ns a parameter, mostly
@@ -528,7 +518,6 @@ PYBIND11_MODULE(_C, m) {
       .def("note_versions", &presam::StateWatch::note_versions);
   m.def("layout_key", &presam::layout_key, py::arg("params"));
   m.def("data_addresses", &presam::data_addresses, py::arg("tensors"));
-  m.def("any_sparse_grad", &presam::any_sparse_grad, py::arg("params"));
   m.def("rows_with_grads", &presam::rows_with_grads, py::arg("params"));
   m.def("scan_params", &presam::scan_params, py::arg("groups"));
 }

@@ -46,14 +46,6 @@ def data_addresses(tensors):
     return tuple(t.data_ptr() for t in tensors)
 
 
-def any_sparse_grad(params) -> bool:
-    """Whether any parameter has a sparse gradient."""
-    compiled = native()
-    if compiled is not None:
-        return compiled.any_sparse_grad(params)
-    return any(p.grad is not None and p.grad.is_sparse for p in params)
-
-
 class ParamScan(NamedTuple):
     layout_key: object
     data_addresses: object
@@ -68,7 +60,8 @@ def scan_params(groups) -> ParamScan:
     if compiled is not None:
         return ParamScan(*compiled.scan_params(groups))
     params = [p for group in groups for p in group["params"]]
-    return ParamScan(layout_key(params), data_addresses(params), any_sparse_grad(params))
+    sparse = any(p.grad is not None and p.grad.is_sparse for p in params)
+    return ParamScan(layout_key(params), data_addresses(params), sparse)
 
 
 def rows_with_grads(params):

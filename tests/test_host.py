@@ -67,11 +67,12 @@ def test_data_addresses_of_a_subclass_ask_it(path):
 
 def test_any_sparse_grad(path):
     params = make_params()
-    assert not _host.any_sparse_grad(params)
+    groups = [{"params": params}]
+    assert not _host.scan_params(groups).any_sparse_grad
     params[0].grad = torch.randn(3, 4)
-    assert not _host.any_sparse_grad(params)
+    assert not _host.scan_params(groups).any_sparse_grad
     params[1].grad = torch.randn(5).to_sparse()
-    assert _host.any_sparse_grad(params)
+    assert _host.scan_params(groups).any_sparse_grad
 
 
 def test_rows_with_grads_hands_out_the_gradients_themselves(path):
