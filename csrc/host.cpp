@@ -305,6 +305,7 @@ class StateWatch {
   }
 
   bool holds(const py::dict& state) const {
+    if (entries_.empty()) return true;  // nothing watched (SGD without momentum): no walk
     size_t found = 0;
     PyObject *key, *value;
     Py_ssize_t pos = 0;
@@ -448,18 +449,42 @@ py::tuple scan_params(const py::list& groups) {
 }
 
 // Appends what DeviceTables.get checks of a tensor: its layout, dtype,
-// device, sizes, strides and data address; false for a subclass (its storage
-// is its own business: no signature then).
-bool sign(PyObject* obj, std::vector<int64_t>& out) {
-  if (!THPVariable_CheckExact(obj)) return false;
-  const at::Tensor& t = THPVariable_Unpack(obj);
+// device, sizes, strides and data address.
+void sign(const at::Tensor& t, std::vector<int64_t>& out) {
   out.insert(out.end(), {static_cast<int64_t>(t.layout()), static_cast<int64_t>(t.scalar_type()),
                          static_cast<int64_t>(t.device().type()) << 16 | static_cast<uint16_t>(t.device().index()),
                          t.dim()});
-  if (t.layout() != at::kStrided) return true;
+  if (t.layout() != at::kStrided) return;
   out.insert(out.end(), t.sizes().begin(), t.sizes().end());
   out.insert(out.end(), t.strides().begin(), t.strides().end());
   out.push_back(address(t));
+}
+
+// Whether ``t`` is what ``sign`` appended at ``at`` (advanced past it when so).
+bool signed_same(const at::Tensor& t, const int64_t*& at) {
+  const int64_t* s = at;
+  const int64_t dim = t.dim();
+  if (s[0] != static_cast<int64_t>(t.layout()) || s[1] != static_cast<int64_t>(t.scalar_type()) ||
+      s[2] != (static_cast<int64_t>(t.device().type()) << 16 | static_cast<uint16_t>(t.device().index())) ||
+      s[3] != dim) {
+    return false;
+  }
+  s += 4;
+  if (t.layout() == at::kStrided) {
+    if (!std::equal(t.sizes().begin(), t.sizes().end(), s)) return false;
+    if (!std::equal(t.strides().begin(), t.strides().end(), s + dim)) return false;
+    if (s[2 * dim] != address(t)) return false;
+    s += 2 * dim + 1;
+  }
+  at = s;
+  return true;
+}
+
+// sign() of a plain tensor (torch.Tensor or nn.Parameter exactly); false for
+// a subclass (its storage is its own business: no signature then).
+bool sign(PyObject* obj, std::vector<int64_t>& out) {
+  if (!THPVariable_CheckExact(obj)) return false;
+  sign(THPVariable_Unpack(obj), out);
   return true;
 }
 
@@ -497,6 +522,152 @@ py::tuple rows_with_grads(const py::list& params) {
   return py::make_tuple(row_tuple, grad_list, signed_rows);
 }
 
+
+// -- the steady state (presam_kernels/optim/steady.py) ------------------------------
+//
+// What a step's host work read of the parameters and their gradients, recorded
+// once and checked at each later step: every param group holds the same
+// parameters (the same objects, in the same order and group), each with the
+// same dtype, device, sizes, strides and data address, and each has a
+// gradient exactly where it had one, a plain strided tensor with the same
+// dtype, device, sizes, strides and data address. That is everything the
+// steps' scans (layout key, storage addresses, sparse gradients, flatten=True's
+// flat buffers) and the device tables' rows are made of, so a step that finds
+// it unchanged may replay the last one's tables and launches.
+class ParamWatch {
+ public:
+  // ``tables``: per table of the recorded step, its parameters (a tuple) when its
+  // rows are parameters, else None (rows over flat buffers, whose gradients are
+  // the buffers' own slices); ``check`` hands back each such table's gradients.
+  ParamWatch(const py::list& groups, const py::list& tables) {
+    std::unordered_map<PyObject*, size_t> index;
+    recordable_ = walk(groups, [&](PyObject* obj, const at::Tensor& p) {
+      if (!THPVariable_CheckExact(obj) || p.layout() != at::kStrided) return false;
+      index.emplace(obj, params_.size());
+      params_.push_back(py::reinterpret_borrow<py::object>(obj));
+      addresses_.push_back(address(p));
+      sign(p, signature_);
+      const at::Tensor& g = p.grad();
+      signature_.push_back(g.defined());
+      if (g.defined()) {
+        py::object grad = py::reinterpret_steal<py::object>(THPVariable_Wrap(g));
+        if (!THPVariable_CheckExact(grad.ptr()) || g.layout() != at::kStrided) return false;
+        sign(g, signature_);
+      }
+      return true;
+    });
+    for (size_t t = 0; recordable_ && t < tables.size(); ++t) {
+      std::vector<size_t> rows;
+      PyObject* members = PyList_GET_ITEM(tables.ptr(), t);
+      if (members != Py_None) {
+        TORCH_CHECK(PyTuple_Check(members), "ParamWatch: a table's parameters must be a tuple or None");
+        for (Py_ssize_t r = 0; r < PyTuple_GET_SIZE(members); ++r) {
+          auto it = index.find(PyTuple_GET_ITEM(members, r));
+          if (it == index.end()) recordable_ = false;  // a row that is no parameter (a DTensor's shard)
+          else rows.push_back(it->second);
+        }
+      }
+      tables_.push_back({members != Py_None, std::move(rows)});
+    }
+  }
+
+  // Whether the step could be recorded: every parameter and gradient a plain
+  // strided tensor, every table row a parameter of the groups.
+  bool recordable() const { return recordable_; }
+
+  // The parameters' data addresses when recorded, as data_addresses() packs them.
+  py::bytes data_addresses() const {
+    return py::bytes(reinterpret_cast<const char*>(addresses_.data()), addresses_.size() * sizeof(int64_t));
+  }
+
+  // None when anything recorded differs; else, per recorded table, the
+  // gradients of its rows (a list) or None (rows over flat buffers).
+  py::object check(const py::list& groups) {
+    if (!recordable_) return py::none();
+    const int64_t* at = signature_.data();
+    size_t i = 0;
+    grads_.clear();
+    const bool same = walk(groups, [&](PyObject* obj, const at::Tensor& p) {
+      if (i >= params_.size() || obj != params_[i].ptr() || !signed_same(p, at)) return false;
+      const at::Tensor& g = p.unsafeGetTensorImpl()->grad();  // a parameter is a leaf: no warning to check for
+      if (*at++ != g.defined()) return false;
+      if (g.defined()) {
+        if (!signed_same(g, at)) return false;
+        grads_.push_back(&g);
+      } else {
+        grads_.push_back(nullptr);
+      }
+      ++i;
+      return true;
+    });
+    if (!same || i != params_.size()) return py::none();
+    py::tuple out(tables_.size());
+    for (size_t t = 0; t < tables_.size(); ++t) {
+      if (!tables_[t].by_member) {
+        PyTuple_SET_ITEM(out.ptr(), t, py::none().release().ptr());
+        continue;
+      }
+      const std::vector<size_t>& rows = tables_[t].rows;
+      py::list grads(rows.size());
+      for (size_t r = 0; r < rows.size(); ++r) {
+        const at::Tensor* g = grads_[rows[r]];
+        if (g == nullptr) return py::none();  // (cannot happen: the rows had gradients when recorded)
+        PyObject* grad = THPVariable_Wrap(*g);
+        if (grad == nullptr) throw py::error_already_set();
+        if (!THPVariable_CheckExact(grad)) {  // a subclass now, at the same address
+          Py_DECREF(grad);
+          return py::none();
+        }
+        PyList_SET_ITEM(grads.ptr(), r, grad);
+      }
+      PyTuple_SET_ITEM(out.ptr(), t, grads.release().ptr());
+    }
+    return out;
+  }
+
+ private:
+  struct Rows {
+    bool by_member;
+    std::vector<size_t> rows;  // indices into params_
+  };
+
+  // Calls visit(obj, tensor) on every parameter of every group, in order;
+  // false as soon as a visit is (or when a group is not as recorded).
+  template <typename Visit>
+  bool walk(const py::list& groups, Visit&& visit) {
+    const bool recording = group_sizes_recorded_ == false;
+    if (!recording && static_cast<size_t>(PyList_GET_SIZE(groups.ptr())) != group_sizes_.size()) return false;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(groups.ptr()); ++k) {
+      PyObject* group = PyList_GET_ITEM(groups.ptr(), k);
+      if (!PyDict_Check(group)) return false;
+      PyObject* params = PyDict_GetItemString(group, "params");
+      if (params == nullptr || !PyList_Check(params)) return false;
+      const Py_ssize_t n = PyList_GET_SIZE(params);
+      if (recording) {
+        group_sizes_.push_back(n);
+      } else if (n != group_sizes_[k]) {
+        return false;
+      }
+      for (Py_ssize_t j = 0; j < n; ++j) {
+        PyObject* obj = PyList_GET_ITEM(params, j);
+        if (!THPVariable_Check(obj)) return false;
+        if (!visit(obj, THPVariable_Unpack(obj))) return false;
+      }
+    }
+    group_sizes_recorded_ = true;
+    return true;
+  }
+
+  bool recordable_ = false;
+  std::vector<py::object> params_;  // held: their identities stay theirs
+  std::vector<int64_t> addresses_;  // per parameter, when recorded
+  std::vector<Py_ssize_t> group_sizes_;
+  bool group_sizes_recorded_ = false;
+  std::vector<int64_t> signature_;  // per parameter: sign(p), has a gradient, sign(grad)
+  std::vector<Rows> tables_;
+  std::vector<const at::Tensor*> grads_;  // this check's gradients, per parameter (valid during check only)
+};
+
 }  // namespace
 }  // namespace presam
 
@@ -520,4 +691,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("data_addresses", &presam::data_addresses, py::arg("tensors"));
   m.def("rows_with_grads", &presam::rows_with_grads, py::arg("params"));
   m.def("scan_params", &presam::scan_params, py::arg("groups"));
+  py::class_<presam::ParamWatch>(m, "ParamWatch")
+      .def(py::init<const py::list&, const py::list&>(), py::arg("groups"), py::arg("tables"))
+      .def("recordable", &presam::ParamWatch::recordable)
+      .def("data_addresses", &presam::ParamWatch::data_addresses)
+      .def("check", &presam::ParamWatch::check, py::arg("groups"));
 }

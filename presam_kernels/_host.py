@@ -75,6 +75,20 @@ def rows_with_grads(params):
     return rows, [params[i].grad for i in rows], None
 
 
+def param_watch(groups, tables):
+    """What the steady step (optim/steady.py) checks the parameters with: a
+    ``ParamWatch`` (csrc/host.cpp) of every parameter of ``groups`` and its
+    gradient as they are now. ``check(groups)`` gives None when anything
+    differs, else per table of ``tables`` its rows' gradients now (None for a
+    table of rows over flat buffers). None without the extension (every step
+    then takes the general path) or where a tensor is not a plain strided one."""
+    compiled = native()
+    if compiled is None:
+        return None
+    watch = compiled.ParamWatch(groups, [t.params if t.members is not None else None for t in tables])
+    return watch if watch.recordable() else None
+
+
 def state_watch(params, entries, keys, values, versioned_key):
     """What ``base_update.PlanCache`` checks a base optimizer's state with:
     ``holds(state)`` says whether ``state[params[i]]`` is still ``entries[i]``,

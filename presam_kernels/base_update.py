@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.optim import optimizer as optimizer_module
 
 SGD = "sgd"
 ADAM = "adam"
@@ -59,8 +60,6 @@ assert all(len(columns) <= HYPER_WIDTH for columns in COLUMNS.values())
 
 
 def _hooks(optimizer) -> bool:
-    from torch.optim import optimizer as optimizer_module
-
     return bool(
         optimizer._optimizer_step_pre_hooks
         or optimizer._optimizer_step_post_hooks

@@ -29,12 +29,19 @@ def _fake(name="fake", path=None, drop=(), **verbs):
         done.path = path or name
         return done
 
+    fake = types.SimpleNamespace()
+
+    def plan_perturb(tables, buckets, spec, rhos, ema_ready):
+        # Its perturb as it is when the launch runs: a test swaps it between steps.
+        return protocol.PerturbCall(lambda *args: fake.perturb(*args), buckets, spec, rhos, ema_ready)
+
     impl = dict(name=name, perturb=perturb, restore=eager.restore, restore_and_step=eager.restore_and_step,
-                unscale_=eager.unscale_)
+                unscale_=eager.unscale_, plan_perturb=plan_perturb, plan_restore_and_step=eager.plan_restore_and_step)
     impl.update(verbs)
     for verb in drop:
         impl.pop(verb)
-    return types.SimpleNamespace(**impl)
+    fake.__dict__.update(impl)
+    return fake
 
 
 def _model():

@@ -20,7 +20,7 @@ from ..base_update import STATE_KEYS
 from ..buckets import _non_overlapping_and_dense
 from ..preconditioners import Constraint, Objective, Preconditioner
 from . import eager
-from .protocol import Perturbation
+from .protocol import Perturbation, PerturbCall, RestoreStepCall
 
 name = "cpp"
 
@@ -149,6 +149,15 @@ def restore_and_step(tables, buckets, prepare) -> bool:
         ops.restore_step_(table.params, table.grads, saved, state1, state2, table.offsets, table.group_index,
                           _flags(table), hyper, width, KIND_CODE[update.kind], not table.out_of_place)
     return True
+
+
+def plan_perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready) -> PerturbCall:
+    """``perturb`` with these arguments (its checks are the ops' own, each call)."""
+    return PerturbCall(perturb, buckets, spec, rhos, ema_ready)
+
+
+def plan_restore_and_step(tables, buckets) -> RestoreStepCall:
+    return RestoreStepCall(restore_and_step, buckets)
 
 
 def _register_fake_kernels():

@@ -23,7 +23,7 @@ import torch
 
 from ..buckets import _non_overlapping_and_dense
 from ..preconditioners import Constraint, Objective, Preconditioner
-from .protocol import Perturbation
+from .protocol import Perturbation, PerturbCall
 
 name = "eager"
 
@@ -390,3 +390,13 @@ def restore_tables(tables):
 def restore_and_step(tables, buckets, prepare) -> bool:
     """No fused step here: the caller restores and steps the base optimizer."""
     return False
+
+
+def plan_perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready) -> PerturbCall:
+    """``perturb`` with these arguments (no host work to keep)."""
+    return PerturbCall(perturb, buckets, spec, rhos, ema_ready)
+
+
+def plan_restore_and_step(tables, buckets) -> None:
+    """No fused step here."""
+    return None

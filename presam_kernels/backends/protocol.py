@@ -1,7 +1,7 @@
 """The contract every backend implements (docs/design.md §3).
 
 A backend is an object (the eager, cpp and triton modules are) with a
-``name`` and four verbs over bucket tables; it never sees a param group or
+``name`` and six verbs over bucket tables; it never sees a param group or
 an optimizer. ``backends.get`` checks a backend against ``Backend`` when it
 resolves one, so a backend missing a verb is refused there, by name, before
 any step runs.
@@ -68,8 +68,55 @@ class Backend(Protocol):
     def unscale_(self, tables: Sequence[Table], inv_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
         """Gradients /= loss scale in place; overflow recorded in ``found_inf``."""
 
+    def plan_perturb(
+        self,
+        tables: Sequence[Table],
+        buckets: Sequence[Bucket],
+        spec: Preconditioner,
+        rhos: Sequence[float | torch.Tensor],
+        ema_ready: EmaReady,
+    ) -> Callable[..., Perturbation]:
+        """``perturb``'s host work for these arguments, done once: a launch,
+        ``launch(tables, found_inf=None)``, that perturbs as ``perturb`` would.
+        The optimizer replays it on later steps whose tables have the same
+        rows, tensors at the same addresses with the same layouts, and hold
+        the gradients of that step (optim/steady.py); it must hold no gradient."""
 
-VERBS = ("perturb", "restore", "restore_and_step", "unscale_")
+    def plan_restore_and_step(
+        self, tables: Sequence[Table], buckets: Sequence[Bucket]
+    ) -> Optional[Callable[[Sequence[Table], Callable[[], Optional[Update]]], bool]]:
+        """``restore_and_step``'s host work, done once: a launch,
+        ``launch(tables, prepare) -> bool``, replayed as ``plan_perturb``'s;
+        None where this backend has no fused step for these rows."""
+
+
+VERBS = ("perturb", "restore", "restore_and_step", "unscale_", "plan_perturb", "plan_restore_and_step")
+
+
+@dataclass(eq=False)
+class PerturbCall:
+    """The launch of a backend that keeps no host work between calls: its
+    ``perturb`` with these arguments."""
+
+    perturb: Callable
+    buckets: Sequence[Bucket]
+    spec: Preconditioner
+    rhos: Sequence[float | torch.Tensor]
+    ema_ready: EmaReady
+
+    def __call__(self, tables, found_inf=None) -> Perturbation:
+        return self.perturb(tables, self.buckets, self.spec, self.rhos, self.ema_ready, found_inf)
+
+
+@dataclass(eq=False)
+class RestoreStepCall:
+    """Likewise, its ``restore_and_step``."""
+
+    restore_and_step: Callable
+    buckets: Sequence[Bucket]
+
+    def __call__(self, tables, prepare) -> bool:
+        return self.restore_and_step(tables, self.buckets, prepare)
 
 
 def check(backend) -> None:

@@ -20,6 +20,7 @@ from ..preconditioners import Constraint, Objective, Preconditioner, check_finit
 from . import amp, library_ops
 from .ema import EmaReady
 from .pending_step import PendingStep
+from .steady import SteadyStep
 
 # Keys of ours in optimizer.state[p], beside the base optimizer's own keys
 # (exp_avg, momentum_buffer, ...): chosen so that they cannot collide.
@@ -301,6 +302,7 @@ class PreSAM(Optimizer):
         self._fallback_warned = set()
         self._ema_ready = EmaReady()
         self._plans = base_update.PlanCache()  # the fused base step's last steady plan
+        self._steady = SteadyStep()  # the last half steps' host work, replayed while nothing changed
         self.skipped_steps = None  # device tensor, created on the first step
         self.last_perturbation_norm = None
         # torch.compile: the handle the traced steps pass to the presam:: ops,
@@ -321,6 +323,7 @@ class PreSAM(Optimizer):
         base = state.pop("base_optimizer")
         state["_base_optimizer_parts"] = (type(base), base.__getstate__())
         state.pop("_plans", None)  # refers to this optimizer's state entries: a copy makes its own
+        state.pop("_steady", None)  # likewise its parameters and buckets
         return state
 
     def __setstate__(self, state):
@@ -338,6 +341,7 @@ class PreSAM(Optimizer):
         if name is not None:
             self._backend = backends.get(name)
         self._plans = base_update.PlanCache()
+        self._steady = SteadyStep()
         self._handle = library_ops.register(self)  # a copy is another optimizer
 
     def _step_pending(self) -> bool:
@@ -529,6 +533,13 @@ class PreSAM(Optimizer):
                 "after the second backward before the next first_step()"
             )
         self._check_linked_to_base()
+        scaler = amp.active(grad_scaler)
+        replay = self._steady.replay_first(self) if scaler is None else None
+        if replay is not None:  # the last first_step's tables and launch, nothing changed since
+            record, tables = replay
+            perturbation = record.launch([tables[k] for k in record.active])
+            self._begin_pending(tables, record.group_perturbed, perturbation, storage=record.storage)
+            return
         rhos, group_perturbed = self._group_rhos()
         scan = _host.scan_params(self.param_groups)
         self._check_grads(scan)
@@ -537,7 +548,6 @@ class PreSAM(Optimizer):
             b.table(group_perturbed, out_of_place=self._out_of_place(b), merge=not self._bound_to_operands)
             for b in buckets
         ]
-        scaler = amp.active(grad_scaler)
         found_inf = amp.unscale_first_pass(self, scaler, tables, self._backend) if scaler else None
         bad_rho = self._bad_rho(rhos, buckets[0].layout.device)
         if bad_rho is not None:
@@ -548,15 +558,30 @@ class PreSAM(Optimizer):
         ema_ready = self._ema_ready.for_step(buckets[0].layout.device) if stateful else False
         # Buckets without a gradient this step (a frozen dtype) take no part: the backends assume rows.
         active = [k for k, t in enumerate(tables) if len(t)]
-        perturbation = None
+        perturbation = launch = None
         if active:
-            perturbation = self._backend.perturb(
-                [tables[k] for k in active], [buckets[k] for k in active], self.preconditioner, rhos, ema_ready,
-                found_inf,
+            launch = self._backend.plan_perturb(
+                [tables[k] for k in active], [buckets[k] for k in active], self.preconditioner, rhos, ema_ready
             )
+            perturbation = launch([tables[k] for k in active], found_inf)
+        watch = self._steady.watch_first(self, tables, rhos, found_inf)  # before switching out of place
+        pending = self._begin_pending(
+            tables, group_perturbed, perturbation, found_inf, scan, scaler is not None, ema_ready_before
+        )
+        self._steady.keep_first(self, watch, tables, active, launch, rhos, ema_ready, pending)
+
+    def _begin_pending(self, tables, group_perturbed, perturbation, found_inf=None, scan=None, scaler_used=False,
+                       ema_ready_before=None, storage=None):
+        """What first_step does after ``perturbation`` (None: no bucket had a
+        gradient): the EMA flag, skip count and norm, and the pending step,
+        its parameters switched out of place. ``storage``: where the
+        parameters' storage is after that, where the caller knows it (a
+        replayed step), else taken from ``scan`` or a new walk."""
+        buckets = self._buckets
+        if perturbation is not None:
             norm, skipped = perturbation.norm, perturbation.skipped
             self._note_path_taken(perturbation.path)
-            if stateful:  # no gradient anywhere: nothing seen
+            if self.preconditioner.objective.has_state:  # no gradient anywhere: nothing seen
                 self._ema_ready.note_step(skipped)
         else:
             norm = torch.zeros((), dtype=torch.float32, device=buckets[0].layout.device)
@@ -565,15 +590,18 @@ class PreSAM(Optimizer):
         self.last_perturbation_norm = norm
         pending = PendingStep(
             tables, group_perturbed, perturbation,
-            first_pass_skipped=skipped if scaler is not None else None, ema_ready_before=ema_ready_before,
+            first_pass_skipped=skipped if scaler_used else None, ema_ready_before=ema_ready_before,
         )
         pending.switch_to_adversarial(buckets)
-        if not self._bound_to_operands:
+        if storage is not None:
+            pending.storage = storage
+        elif not self._bound_to_operands:
             # Where the parameters' storage is now: as scanned, unless this step
             # re-pointed some (out of place, or flatten=True re-adopting one).
             moved_here = self.flatten or pending.switched
             pending.storage = _host.data_addresses(self._params()) if moved_here else scan.data_addresses
         self._pending = pending
+        return pending
 
     def _count_skip(self, skipped):
         if self.skipped_steps is None:
@@ -600,6 +628,17 @@ class PreSAM(Optimizer):
                 "first_step() got grad_scaler but second_step() did not, so the base step would "
                 "use scaled gradients; pass the same GradScaler to both steps"
             )
+        replay = self._steady.replay_second(self, pending) if scaler is None else None
+        if replay is not None:  # the last fused second_step's tables and launch, nothing changed since
+            record, tables = replay
+            self._pending = None
+            self.last_step_fused = False
+            if not self._run_fused(record.kind, record.launch, tables):
+                self._restore(pending)
+                self._base_step()
+            if zero_grad:
+                self.zero_grad()
+            return
         scan = _host.scan_params(self.param_groups)  # before switch_back: where first_step left them
         if self._moved_since_first_step(pending, scan.data_addresses):
             raise RuntimeError(
@@ -631,7 +670,7 @@ class PreSAM(Optimizer):
                 if zero_grad:
                     self.zero_grad()
                 return
-        if not self._fused_step(pending.tables, pending.group_perturbed, self._layout_key(scan)):
+        if not self._fused_step(pending, self._layout_key(scan)):
             self._restore(pending)
             self._base_step()
         if zero_grad:
@@ -660,32 +699,43 @@ class PreSAM(Optimizer):
         threshold = _OUT_OF_PLACE_MIN_AVG.get(bucket.layout.device.type)
         return threshold is not None and bucket.layout.flat_numel >= threshold * len(bucket.params)
 
-    def _fused_step(self, tables, perturbed, layout_key) -> bool:
+    def _fused_step(self, pending, layout_key) -> bool:
         """restore + base step as one kernel per bucket, where the backend has
         one for these rows and ``base_update`` covers the base optimizer; False
         (nothing done) otherwise. ``layout_key``: ``_layout_key()``."""
         kind = base_update.covered(self.base_optimizer)
         if kind is None or layout_key != self._layout:
             return False
-        buckets = self._buckets
+        buckets, tables, perturbed = self._buckets, pending.tables, pending.group_perturbed
         self._readopt_flat()
         now = [b.table(perturbed, out_of_place=t.out_of_place, merge=t.merged) for b, t in zip(buckets, tables)]
         if any(n.offsets is not t.offsets and (n.offsets != t.offsets or n.lengths != t.lengths)
                for n, t in zip(now, tables)):
             return False  # the second pass's gradients cover other rows than the perturbation
+        launch = self._backend.plan_restore_and_step(now, buckets)
+        if launch is None or not self._run_fused(kind, launch, now):
+            return False
+        self._steady.keep_second(self, pending, kind, launch, now)
+        return True
+
+    def _run_fused(self, kind, launch, tables) -> bool:
+        """The fused step (``launch``: the backend's plan_restore_and_step for
+        ``tables``, the second pass's rows); False, nothing written, where the
+        base optimizer's state or groups are not what ``base_update`` covers."""
+        buckets = self._buckets
         plans = []
 
         def prepare():
             # Called by the backend once it knows it can run: only then is the
             # base state adopted into the flat buffers.
-            plan = self._plans.plan(kind, self.base_optimizer, buckets, self.state, now)
+            plan = self._plans.plan(kind, self.base_optimizer, buckets, self.state, tables)
             if plan is None:
                 return None
             plan.adopt()
             plans.append(plan)
             return plan.update
 
-        if not self._backend.restore_and_step(now, buckets, prepare):
+        if not launch(tables, prepare):
             return False
         plans[0].commit()
         self.base_optimizer._opt_called = True  # as an LRScheduler's wrapper of its step would

@@ -18,6 +18,8 @@ TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import eager
@@ -75,51 +77,84 @@ def perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready, found_inf=No
     EMA <- m_new; a non-finite norm or ``found_inf`` > 0 writes only backup.
     The norm and skipped flag are 0-d fp32 and bool device tensors; the path
     is "eager" where the kernels cannot walk a row (the whole call goes there)."""
+    return plan_perturb(tables, buckets, spec, rhos, ema_ready)(tables, found_inf)
+
+
+def plan_perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready):
+    """``perturb``'s host work for these tables, rhos and ``ema_ready``: a
+    ``PerturbLaunch`` that launches the kernels (``launch(tables, found_inf)``),
+    or the eager backend's where they cannot walk a row."""
     device = buckets[0].layout.device
-    dev_tables = None
+    if not (all(b.layout.device == device for b in buckets) and supported_device(device)):
+        return eager.plan_perturb(tables, buckets, spec, rhos, ema_ready)
     stateful = spec.objective is not Objective.GRADIENT
-    if all(b.layout.device == device for b in buckets) and supported_device(device):
-        programs, chunk, partials_block = launch_config(device)
-        dev_tables = _device_tables(tables, buckets, chunk, needs_ema=stateful)
+    programs, chunk, partials_block = launch_config(device)
+    dev_tables = _device_tables(tables, buckets, chunk, needs_ema=stateful)
     if dev_tables is None:
-        return eager.perturb(tables, buckets, spec, rhos, ema_ready, found_inf)
-
-    active = [(t, b, d) for t, b, d in zip(tables, buckets, dev_tables) if d is not None and d.n_rows]
-    if found_inf is not None:
-        found_inf = found_inf.to(device=device, dtype=torch.float32)
+        return eager.plan_perturb(tables, buckets, spec, rhos, ema_ready)
+    active = tuple(k for k, d in enumerate(dev_tables) if d is not None and d.n_rows)
     if not active:
-        norm = torch.zeros((), dtype=torch.float32, device=device)
-        skipped = torch.zeros((), dtype=torch.bool, device=device)
+        return PerturbLaunch(device, active, (), None, None, None, spec, programs, chunk, partials_block)
+    launches = []
+    for k in active:
+        backup = saved_buffer(buckets[k], tables[k])  # out of place: the adversarial buffer
+        # The EMA is unused when stateless: the backup stands in for it.
+        launches.append((dev_tables[k], backup, buckets[k].buffers.grad_ema if stateful else backup))
+    return PerturbLaunch(
+        device, active, tuple(launches),
+        # The launchers' flag: None while the EMA is cold and the host knows it
+        # (the EMA_READY=False specialization reads none), else 0-d, 1.0 once ready.
+        _ema_ready_flag(ema_ready, device) if stateful else None,
+        partials_buffer(buckets[0], programs * len(active)), rho_tensor(rhos, device), spec, programs, chunk,
+        partials_block,
+    )
+
+
+@dataclass(eq=False)
+class PerturbLaunch:
+    """K1 then K2 over the device tables of one ``perturb`` call's tables with
+    rows (``active``). Replayable while those rows are unchanged (the
+    optimizer's steady step checks that, optim/steady.py): nothing in it
+    holds a gradient."""
+
+    device: torch.device
+    active: tuple  # indices of the tables launched
+    launches: tuple  # per active table: (device table, saved buffer, EMA)
+    ready_flag: torch.Tensor | None
+    partials: torch.Tensor | None
+    rho: torch.Tensor | None
+    spec: Preconditioner
+    programs: int
+    chunk: int
+    partials_block: int
+
+    def __call__(self, tables, found_inf=None) -> Perturbation:
+        device = self.device
         if found_inf is not None:
-            skipped = found_inf.reshape(()) > 0
-        return Perturbation(norm, skipped, path=name, tables=[], plans=[])
-
-    # The launchers' flag: None while the EMA is cold and the host knows it
-    # (the EMA_READY=False specialization reads none), else 0-d, 1.0 once ready.
-    ready_flag = _ema_ready_flag(ema_ready, device) if stateful else None
-    n_partials = programs * len(active)
-    partials = partials_buffer(buckets[0], n_partials)
-    rho = rho_tensor(rhos, device)
-    norm = torch.empty((), dtype=torch.float32, device=device)
-    skipped = torch.empty((), dtype=torch.uint8, device=device)
-
-    def state(table, bucket):
-        backup = saved_buffer(bucket, table)  # out of place: the adversarial buffer
-        return backup, bucket.buffers.grad_ema if stateful else backup  # the EMA is unused when stateless
-
-    for k, (table, bucket, dev) in enumerate(active):
-        backup, ema = state(table, bucket)
-        k1_reduce.launch_reduce(dev, backup, ema, ready_flag, partials, k * programs, programs, chunk, spec)
-    plans = []
-    for k, (table, bucket, dev) in enumerate(active):
-        backup, ema = state(table, bucket)
-        k2_perturb.launch_perturb(
-            dev, backup, ema, ready_flag, partials, n_partials, rho, found_inf, norm, skipped,
-            programs, chunk, spec, write_norm=k == 0, out_of_place=table.out_of_place,
-            partials_block=partials_block,
-        )
-        plans.append((dev, backup, programs, chunk))  # what K3 needs to undo this table
-    return Perturbation(norm, skipped.view(torch.bool), path=name, tables=[t for t, _, _ in active], plans=plans)
+            found_inf = found_inf.to(device=device, dtype=torch.float32)
+        if not self.active:
+            norm = torch.zeros((), dtype=torch.float32, device=device)
+            skipped = torch.zeros((), dtype=torch.bool, device=device)
+            if found_inf is not None:
+                skipped = found_inf.reshape(()) > 0
+            return Perturbation(norm, skipped, path=name, tables=[], plans=[])
+        programs, chunk, spec = self.programs, self.chunk, self.spec
+        n_partials = programs * len(self.active)
+        norm = torch.empty((), dtype=torch.float32, device=device)
+        skipped = torch.empty((), dtype=torch.uint8, device=device)
+        for k, (dev, backup, ema) in enumerate(self.launches):
+            k1_reduce.launch_reduce(dev, backup, ema, self.ready_flag, self.partials, k * programs, programs, chunk,
+                                    spec)
+        active_tables = [tables[k] for k in self.active]
+        for k, ((dev, backup, ema), table) in enumerate(zip(self.launches, active_tables)):
+            k2_perturb.launch_perturb(
+                dev, backup, ema, self.ready_flag, self.partials, n_partials, self.rho, found_inf, norm, skipped,
+                programs, chunk, spec, write_norm=k == 0, out_of_place=table.out_of_place,
+                partials_block=self.partials_block,
+            )
+        # What K3 needs to undo each table.
+        plans = [(dev, backup, programs, chunk) for dev, backup, _ in self.launches]
+        return Perturbation(norm, skipped.view(torch.bool), path=name, tables=active_tables, plans=plans)
 
 
 def restore(perturbation: Perturbation):
@@ -143,25 +178,51 @@ def restore_and_step(tables, buckets, prepare) -> bool:
 
     Returns False, having written nothing, where the kernels cannot walk the
     rows (the caller restores and steps the base optimizer instead)."""
+    launch = plan_restore_and_step(tables, buckets)
+    return launch is not None and launch(tables, prepare)
+
+
+def plan_restore_and_step(tables, buckets):
+    """``restore_and_step``'s host work for these tables: a
+    ``RestoreStepLaunch`` (``launch(tables, prepare)``), or None where the
+    kernels cannot walk the rows."""
     device = buckets[0].layout.device
     if not (all(b.layout.device == device for b in buckets) and supported_device(device)):
-        return False
+        return None
     if len(tables) != len(buckets):
-        return False
+        return None
     if any(b.layout.dtype == torch.float64 for b in buckets):
-        return False  # K4 computes in fp32 from fp32 hyperparameters: fp64 takes torch's own step
+        return None  # K4 computes in fp32 from fp32 hyperparameters: fp64 takes torch's own step
     programs, chunk, _ = launch_config(device)
     dev_tables = _device_tables(tables, buckets, chunk)
     if dev_tables is None:
-        return False
-    update = prepare()
-    if update is None or len(update.state) != len(buckets):
-        return False
-    hyper = hyper_tensor(update.hyper, k4_restore_step.HYPER_WIDTH.value, device)
-    for table, bucket, dev, flats in zip(tables, buckets, dev_tables, update.state):
-        if dev is None or not dev.n_rows:
-            continue
-        k4_restore_step.launch_restore_step(
-            dev, saved_buffer(bucket, table), hyper, flats, update.kind, not table.out_of_place, programs, chunk
-        )
-    return True
+        return None
+    launches = tuple(None if dev is None or not dev.n_rows else (dev, saved_buffer(bucket, table), table.out_of_place)
+                     for table, bucket, dev in zip(tables, buckets, dev_tables))
+    return RestoreStepLaunch(device, len(buckets), launches, programs, chunk)
+
+
+@dataclass(eq=False)
+class RestoreStepLaunch:
+    """K4 over the device tables of one ``restore_and_step`` call's tables;
+    replayable as ``PerturbLaunch`` is."""
+
+    device: torch.device
+    n_buckets: int
+    launches: tuple  # per table: (device table, saved buffer, out of place), or None without rows
+    programs: int
+    chunk: int
+
+    def __call__(self, tables, prepare) -> bool:
+        update = prepare()
+        if update is None or len(update.state) != self.n_buckets:
+            return False
+        hyper = hyper_tensor(update.hyper, k4_restore_step.HYPER_WIDTH.value, self.device)
+        for launch, flats in zip(self.launches, update.state):
+            if launch is None:
+                continue
+            dev, saved, out_of_place = launch
+            k4_restore_step.launch_restore_step(
+                dev, saved, hyper, flats, update.kind, not out_of_place, self.programs, self.chunk
+            )
+        return True
