@@ -460,26 +460,6 @@ void sign(const at::Tensor& t, std::vector<int64_t>& out) {
   out.push_back(address(t));
 }
 
-// Whether ``t`` is what ``sign`` appended at ``at`` (advanced past it when so).
-bool signed_same(const at::Tensor& t, const int64_t*& at) {
-  const int64_t* s = at;
-  const int64_t dim = t.dim();
-  if (s[0] != static_cast<int64_t>(t.layout()) || s[1] != static_cast<int64_t>(t.scalar_type()) ||
-      s[2] != (static_cast<int64_t>(t.device().type()) << 16 | static_cast<uint16_t>(t.device().index())) ||
-      s[3] != dim) {
-    return false;
-  }
-  s += 4;
-  if (t.layout() == at::kStrided) {
-    if (!std::equal(t.sizes().begin(), t.sizes().end(), s)) return false;
-    if (!std::equal(t.strides().begin(), t.strides().end(), s + dim)) return false;
-    if (s[2 * dim] != address(t)) return false;
-    s += 2 * dim + 1;
-  }
-  at = s;
-  return true;
-}
-
 // sign() of a plain tensor (torch.Tensor or nn.Parameter exactly); false for
 // a subclass (its storage is its own business: no signature then).
 bool sign(PyObject* obj, std::vector<int64_t>& out) {
@@ -534,6 +514,33 @@ py::tuple rows_with_grads(const py::list& params) {
 // steps' scans (layout key, storage addresses, sparse gradients, flatten=True's
 // flat buffers) and the device tables' rows are made of, so a step that finds
 // it unchanged may replay the last one's tables and launches.
+// Whether a tensor is what sign() appended at s, but for its address.
+bool same_layout(const c10::TensorImpl* t, const int64_t* s) {
+  const int64_t dim = t->dim();
+  if (s[0] != static_cast<int64_t>(t->layout()) ||
+      s[1] != static_cast<int64_t>(c10::typeMetaToScalarType(t->dtype())) ||
+      s[2] != (static_cast<int64_t>(t->device().type()) << 16 | static_cast<uint16_t>(t->device().index())) ||
+      s[3] != dim || t->layout() != at::kStrided) {
+    return false;
+  }
+  return std::equal(t->sizes().begin(), t->sizes().end(), s + 4) &&
+         std::equal(t->strides().begin(), t->strides().end(), s + 4 + dim);
+}
+
+// Where sign() put the address of the tensor whose signature starts at ``start``.
+size_t address_at(const std::vector<int64_t>& signature, size_t start) {
+  return start + 4 + 2 * static_cast<size_t>(signature[start + 3]);
+}
+
+// address() of a tensor's TensorImpl.
+int64_t impl_address(c10::TensorImpl* t) { return reinterpret_cast<int64_t>(t->mutable_data()); }
+
+// The cache lines of a TensorImpl that the layout checks read.
+void prefetch_impl(const c10::TensorImpl* t) {
+  const char* at = reinterpret_cast<const char*>(t);
+  for (size_t line = 0; line < sizeof(c10::TensorImpl); line += 64) __builtin_prefetch(at + line);
+}
+
 class ParamWatch {
  public:
   // ``tables``: per table of the recorded step, its parameters (a tuple) when its
@@ -546,9 +553,10 @@ class ParamWatch {
       index.emplace(obj, params_.size());
       params_.push_back(py::reinterpret_borrow<py::object>(obj));
       addresses_.push_back(address(p));
+      param_at_.push_back(signature_.size());
       sign(p, signature_);
       const at::Tensor& g = p.grad();
-      signature_.push_back(g.defined());
+      grad_at_.push_back(g.defined() ? static_cast<int64_t>(signature_.size()) : -1);
       if (g.defined()) {
         py::object grad = py::reinterpret_steal<py::object>(THPVariable_Wrap(g));
         if (!THPVariable_CheckExact(grad.ptr()) || g.layout() != at::kStrided) return false;
@@ -581,26 +589,56 @@ class ParamWatch {
   }
 
   // None when anything recorded differs; else, per recorded table, the
-  // gradients of its rows (a list) or None (rows over flat buffers).
-  py::object check(const py::list& groups) {
+  // gradients of its rows (a list) or None (rows over flat buffers), or with
+  // ``with_grads`` false an empty tuple.
+  py::object check(const py::list& groups, bool with_grads) {
     if (!recordable_) return py::none();
-    const int64_t* at = signature_.data();
+    // In passes, one level of the tensors' metadata each, every pass's loads
+    // independent of each other and prefetched by the pass before: the walk
+    // is cache misses (each tensor's TensorImpl, storage, autograd meta), and
+    // one pass a tensor at a time waits on each in turn (~3x slower in a
+    // step, bench/RESULTS.md "CPU (host)").
+    impls_.clear();
     size_t i = 0;
-    grads_.clear();
     const bool same = walk(groups, [&](PyObject* obj, const at::Tensor& p) {
-      if (i >= params_.size() || obj != params_[i].ptr() || !signed_same(p, at)) return false;
-      const at::Tensor& g = p.unsafeGetTensorImpl()->grad();  // a parameter is a leaf: no warning to check for
-      if (*at++ != g.defined()) return false;
-      if (g.defined()) {
-        if (!signed_same(g, at)) return false;
-        grads_.push_back(&g);
-      } else {
-        grads_.push_back(nullptr);
-      }
+      if (i >= params_.size() || obj != params_[i].ptr()) return false;
+      impls_.push_back(p.unsafeGetTensorImpl());
+      prefetch_impl(impls_.back());
       ++i;
       return true;
     });
     if (!same || i != params_.size()) return py::none();
+    const size_t n = impls_.size();
+    for (size_t k = 0; k < n; ++k) {  // the parameters' layouts; their storage and autograd meta next
+      c10::TensorImpl* p = impls_[k];
+      if (!same_layout(p, signature_.data() + param_at_[k])) return py::none();
+      __builtin_prefetch(p->storage().unsafeGetStorageImpl());
+      __builtin_prefetch(p->autograd_meta());
+    }
+    grads_.assign(n, nullptr);
+    for (size_t k = 0; k < n; ++k) {  // the parameters' addresses and gradients
+      c10::TensorImpl* p = impls_[k];
+      if (signature_[address_at(signature_, param_at_[k])] != impl_address(p)) return py::none();
+      const at::Tensor& g = p->grad();  // a parameter is a leaf: no warning to check for
+      if (g.defined() != (grad_at_[k] >= 0)) return py::none();
+      if (g.defined()) {
+        grads_[k] = &g;
+        prefetch_impl(g.unsafeGetTensorImpl());
+      }
+    }
+    for (size_t k = 0; k < n; ++k) {  // the gradients' layouts; their storage next
+      if (grads_[k] == nullptr) continue;
+      c10::TensorImpl* g = grads_[k]->unsafeGetTensorImpl();
+      if (!same_layout(g, signature_.data() + grad_at_[k])) return py::none();
+      __builtin_prefetch(g->storage().unsafeGetStorageImpl());
+    }
+    for (size_t k = 0; k < n; ++k) {  // the gradients' addresses
+      if (grads_[k] != nullptr &&
+          signature_[address_at(signature_, grad_at_[k])] != impl_address(grads_[k]->unsafeGetTensorImpl())) {
+        return py::none();
+      }
+    }
+    if (!with_grads) return py::tuple();  // wrapping each gradient costs ~35 ns
     py::tuple out(tables_.size());
     for (size_t t = 0; t < tables_.size(); ++t) {
       if (!tables_[t].by_member) {
@@ -663,9 +701,13 @@ class ParamWatch {
   std::vector<int64_t> addresses_;  // per parameter, when recorded
   std::vector<Py_ssize_t> group_sizes_;
   bool group_sizes_recorded_ = false;
-  std::vector<int64_t> signature_;  // per parameter: sign(p), has a gradient, sign(grad)
+  std::vector<int64_t> signature_;  // per parameter: sign(p), then sign(grad) where it has one
+  std::vector<size_t> param_at_;    // per parameter: where its sign() starts in signature_
+  std::vector<int64_t> grad_at_;    // per parameter: where its gradient's starts, or -1 (none)
   std::vector<Rows> tables_;
-  std::vector<const at::Tensor*> grads_;  // this check's gradients, per parameter (valid during check only)
+  // This check's TensorImpls and gradients, per parameter (valid during check only).
+  std::vector<c10::TensorImpl*> impls_;
+  std::vector<const at::Tensor*> grads_;
 };
 
 }  // namespace
@@ -695,5 +737,5 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<const py::list&, const py::list&>(), py::arg("groups"), py::arg("tables"))
       .def("recordable", &presam::ParamWatch::recordable)
       .def("data_addresses", &presam::ParamWatch::data_addresses)
-      .def("check", &presam::ParamWatch::check, py::arg("groups"));
+      .def("check", &presam::ParamWatch::check, py::arg("groups"), py::arg("with_grads") = true);
 }

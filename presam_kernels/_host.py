@@ -78,9 +78,10 @@ def rows_with_grads(params):
 def param_watch(groups, tables):
     """What the steady step (optim/steady.py) checks the parameters with: a
     ``ParamWatch`` (csrc/host.cpp) of every parameter of ``groups`` and its
-    gradient as they are now. ``check(groups)`` gives None when anything
-    differs, else per table of ``tables`` its rows' gradients now (None for a
-    table of rows over flat buffers). None without the extension (every step
+    gradient as they are now. ``check(groups, with_grads=True)`` gives None
+    when anything differs, else per table of ``tables`` its rows' gradients
+    now (None for a table of rows over flat buffers; an empty tuple without
+    ``with_grads``). None without the extension (every step
     then takes the general path) or where a tensor is not a plain strided one."""
     compiled = native()
     if compiled is None:

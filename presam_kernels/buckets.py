@@ -77,7 +77,10 @@ class Table:
     """The rows of one bucket that take part in one step.
 
     ``params``/``grads``/``backups``/``grad_emas`` are same-shaped tensors per
-    row (with ``flatten=True``, 1-D views of the flat buffers).  ``perturbed``
+    row (with ``flatten=True``, 1-D views of the flat buffers); ``grads`` is
+    None in a table layout, and in a replayed step's table where the
+    backend's launch reaches the gradients through their addresses only
+    (optim/steady.py).  ``perturbed``
     is False for rows of a param group with rho == 0: they count in the norm
     and update their EMA but are never written.  With out-of-place
     perturbation ``backups`` is None and ``adversarials`` holds each row's

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence, Union
+from typing import Callable, ClassVar, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -79,8 +79,10 @@ class Backend(Protocol):
         """``perturb``'s host work for these arguments, done once: a launch,
         ``launch(tables, found_inf=None)``, that perturbs as ``perturb`` would.
         The optimizer replays it on later steps whose tables have the same
-        rows, tensors at the same addresses with the same layouts, and hold
-        the gradients of that step (optim/steady.py); it must hold no gradient."""
+        rows, tensors at the same addresses with the same layouts
+        (optim/steady.py); it must hold no gradient. Its ``reads_grads``
+        says whether it reads the tables' gradients: where it does not (it
+        reaches them through addresses), a replay's tables may carry None."""
 
     def plan_restore_and_step(
         self, tables: Sequence[Table], buckets: Sequence[Bucket]
@@ -103,6 +105,7 @@ class PerturbCall:
     spec: Preconditioner
     rhos: Sequence[float | torch.Tensor]
     ema_ready: EmaReady
+    reads_grads: ClassVar[bool] = True
 
     def __call__(self, tables, found_inf=None) -> Perturbation:
         return self.perturb(tables, self.buckets, self.spec, self.rhos, self.ema_ready, found_inf)
@@ -114,6 +117,7 @@ class RestoreStepCall:
 
     restore_and_step: Callable
     buckets: Sequence[Bucket]
+    reads_grads: ClassVar[bool] = True
 
     def __call__(self, tables, prepare) -> bool:
         return self.restore_and_step(tables, self.buckets, prepare)

@@ -114,6 +114,23 @@ def _check_rho(value, where="rho"):
     check_finite_number(where, value, low=0.0, hint="; use rho >= 0 (rho = 0 disables the perturbation)")
 
 
+def _grad_disabled(func):
+    """``@torch.no_grad()`` for the eager steps, at a third of its host cost
+    (~2 us a call against ~6, twice a step: bench/RESULTS.md "CPU (host)");
+    torch.compile traces neither (its steps are the presam:: ops)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+
+    return wrapper
+
+
 def _step_hooks(func):
     """torch's ``Optimizer.profile_hook_step``: the step pre- and post-hooks
     (global, then the optimizer's; a pre-hook may return new arguments) and
@@ -412,6 +429,9 @@ class PreSAM(Optimizer):
         )
         self._buckets = build_buckets(params, group_index, [self._weight_flag(p) for p in params], self.flatten)
         self._layout = key
+        # What the caches kept of the old buckets' buffers goes with them.
+        self._steady.forget()
+        self._plans = base_update.PlanCache()
         self._attach_state_views(old_ema)
         return self._buckets
 
@@ -513,16 +533,22 @@ class PreSAM(Optimizer):
             )
 
     # -- the two steps ------------------------------------------------------
-    @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler=None):
         """x <- x + e (the adversarial point), saving x; call after the first backward.
 
         Under ``torch.compile`` the step is one ``presam::first_step_`` op
         (``library_ops``), always in place (no GradScaler there)."""
         if torch.compiler.is_compiling():
-            library_ops.traced_step(library_ops.first_step_op, self, grad_scaler)
+            with torch.no_grad():
+                library_ops.traced_step(library_ops.first_step_op, self, grad_scaler)
+                if zero_grad:
+                    self.zero_grad()
         else:
-            self._first_step_eager(grad_scaler)
+            self._first_step_and_zero_grad(zero_grad, grad_scaler)
+
+    @_grad_disabled
+    def _first_step_and_zero_grad(self, zero_grad, grad_scaler):
+        self._first_step_eager(grad_scaler)
         if zero_grad:
             self.zero_grad()
 
@@ -534,6 +560,8 @@ class PreSAM(Optimizer):
             )
         self._check_linked_to_base()
         scaler = amp.active(grad_scaler)
+        if scaler is not None:
+            self._steady.forget()  # steps under a GradScaler are never replayed
         replay = self._steady.replay_first(self) if scaler is None else None
         if replay is not None:  # the last first_step's tables and launch, nothing changed since
             record, tables = replay
@@ -608,7 +636,7 @@ class PreSAM(Optimizer):
             self.skipped_steps = torch.zeros((), dtype=torch.int64, device=skipped.device)
         self.skipped_steps.add_(skipped.to(self.skipped_steps.device))
 
-    @torch.no_grad()
+    @_grad_disabled
     def _second_step(self, zero_grad: bool = False, grad_scaler=None):
         pending = self._pending
         if pending is None:
@@ -628,6 +656,8 @@ class PreSAM(Optimizer):
                 "first_step() got grad_scaler but second_step() did not, so the base step would "
                 "use scaled gradients; pass the same GradScaler to both steps"
             )
+        if scaler is not None:
+            self._steady.forget()
         replay = self._steady.replay_second(self, pending) if scaler is None else None
         if replay is not None:  # the last fused second_step's tables and launch, nothing changed since
             record, tables = replay

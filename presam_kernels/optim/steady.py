@@ -19,7 +19,9 @@ anew. Records hold no gradient (a freed gradient's memory is not kept).
 Not replayed: steps under a GradScaler, tensor rhos (checked on the device
 each step), torch.compile's bound operands, and the second step of an
 out-of-place perturbation (its parameters are switched back first). Without
-the extension there is no watch, and every step is general.
+the extension (or with ``_host.USE_NATIVE`` off) every step is general. A
+record that does not hold is dropped, and so are both when the buckets are
+rebuilt: none keeps old buffers alive.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class FirstHalf:
 class SecondHalf:
     """A fused second_step to replay, after a first_step whose tables had these layouts."""
 
+    buckets: list
     first_params: tuple  # per bucket, the first step's table's params (identity: its layout)
     group_perturbed: list
     storage: bytes
@@ -67,8 +70,16 @@ def _without_grads(table):
     return table.with_grads(None if table.members is not None else table.grads)
 
 
-def _with_grads(layouts, grads):
-    return [t.with_grads(t.grads if g is None else g) for t, g in zip(layouts, grads)]
+def _tables(rec, groups):
+    """The record's tables with this step's gradients, or None when its watch
+    finds anything changed; a launch that does not read the gradients gets
+    the record's layouts themselves (their gradients None)."""
+    grads = rec.watch.check(groups, rec.launch.reads_grads)
+    if grads is None:
+        return None
+    if not rec.launch.reads_grads:
+        return list(rec.layouts)
+    return [t.with_grads(t.grads if g is None else g) for t, g in zip(rec.layouts, grads)]
 
 
 class SteadyStep:
@@ -81,9 +92,16 @@ class SteadyStep:
 
     # -- first_step ----------------------------------------------------------
     def replay_first(self, opt):
-        """(the record, this step's tables) when the record holds, else None."""
+        """(the record, this step's tables) when the record holds, else None
+        (the record dropped: the general step records anew)."""
+        out = self._replay_first(opt)
+        if out is None:
+            self.first = None
+        return out
+
+    def _replay_first(self, opt):
         rec = self.first
-        if rec is None or opt._buckets is not rec.buckets or opt._backend is not rec.backend:
+        if rec is None or not _host.USE_NATIVE or opt._buckets is not rec.buckets or opt._backend is not rec.backend:
             return None
         if opt.perturb_mode != rec.perturb_mode or opt._bound_to_operands:
             return None
@@ -92,10 +110,8 @@ class SteadyStep:
             return None
         if rec.ema_ready is not None and opt._ema_ready.for_step(rec.buckets[0].layout.device) is not rec.ema_ready:
             return None
-        grads = rec.watch.check(opt.param_groups)
-        if grads is None:
-            return None
-        return rec, _with_grads(rec.layouts, grads)
+        tables = _tables(rec, opt.param_groups)
+        return None if tables is None else (rec, tables)
 
     def watch_first(self, opt, tables, rhos, found_inf):
         """The watch of a general first_step that may be replayed (before it
@@ -118,9 +134,17 @@ class SteadyStep:
     # -- second_step ---------------------------------------------------------
     def replay_second(self, opt, pending):
         """(the record, the second pass's tables) when the record holds for
-        ``pending``, else None. Reads nothing but the checks."""
+        ``pending``, else None (the record dropped). Reads nothing but the checks."""
+        out = self._replay_second(opt, pending)
+        if out is None:
+            self.second = None
+        return out
+
+    def _replay_second(self, opt, pending):
         rec = self.second
-        if rec is None or pending.switched or pending.grad_scaler_used or opt._bound_to_operands:
+        if rec is None or not _host.USE_NATIVE or pending.switched or pending.grad_scaler_used:
+            return None
+        if opt._bound_to_operands or opt._buckets is not rec.buckets:
             return None
         if pending.storage != rec.storage or pending.group_perturbed != rec.group_perturbed:
             return None
@@ -130,10 +154,8 @@ class SteadyStep:
             return None
         if base_update.covered(opt.base_optimizer) != rec.kind:
             return None
-        grads = rec.watch.check(opt.param_groups)
-        if grads is None:
-            return None
-        return rec, _with_grads(rec.layouts, grads)
+        tables = _tables(rec, opt.param_groups)
+        return None if tables is None else (rec, tables)
 
     def keep_second(self, opt, pending, kind, launch, tables):
         """After a general fused second_step: its record, where it may be replayed."""
@@ -141,12 +163,12 @@ class SteadyStep:
         if pending.grad_scaler_used or opt._bound_to_operands or launch is None:
             return
         watch = _host.param_watch(opt.param_groups, tables)
-        # The parameters where first_step left them: not out of place (switched
-        # back since), nor re-adopted into the flat buffers since (flatten=True).
+        # The parameters where first_step left them, which a step out of place
+        # (switched back since) never replays: no record.
         if watch is None or watch.data_addresses() != pending.storage:
             return
         self.second = SecondHalf(
-            first_params=tuple(t.params for t in pending.tables), group_perturbed=list(pending.group_perturbed),
+            buckets=opt._buckets, first_params=tuple(t.params for t in pending.tables), group_perturbed=list(pending.group_perturbed),
             storage=pending.storage, kind=kind, watch=watch, layouts=tuple(_without_grads(t) for t in tables),
             launch=launch,
         )

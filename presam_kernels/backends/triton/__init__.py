@@ -19,6 +19,7 @@ TRITON_INTERPRET=1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -127,6 +128,7 @@ class PerturbLaunch:
     programs: int
     chunk: int
     partials_block: int
+    reads_grads: ClassVar[bool] = False  # the device tables hold their addresses
 
     def __call__(self, tables, found_inf=None) -> Perturbation:
         device = self.device
@@ -212,6 +214,7 @@ class RestoreStepLaunch:
     launches: tuple  # per table: (device table, saved buffer, out of place), or None without rows
     programs: int
     chunk: int
+    reads_grads: ClassVar[bool] = False
 
     def __call__(self, tables, prepare) -> bool:
         update = prepare()
