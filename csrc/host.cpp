@@ -594,10 +594,9 @@ class ParamWatch {
   py::object check(const py::list& groups, bool with_grads) {
     if (!recordable_) return py::none();
     // In passes, one level of the tensors' metadata each, every pass's loads
-    // independent of each other and prefetched by the pass before: the walk
-    // is cache misses (each tensor's TensorImpl, storage, autograd meta), and
-    // one pass a tensor at a time waits on each in turn (~3x slower in a
-    // step, bench/RESULTS.md "CPU (host)").
+    // independent of each other and prefetched by the pass before: in a step
+    // the walk is cache misses (each tensor's TensorImpl, storage, autograd
+    // meta, gradient), which one pass a tensor at a time would wait on in turn.
     impls_.clear();
     size_t i = 0;
     const bool same = walk(groups, [&](PyObject* obj, const at::Tensor& p) {

@@ -107,7 +107,8 @@ def plan_perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready):
         # (the EMA_READY=False specialization reads none), else 0-d, 1.0 once ready.
         _ema_ready_flag(ema_ready, device) if stateful else None,
         partials_buffer(buckets[0], programs * len(active)), rho_tensor(rhos, device), spec, programs, chunk,
-        partials_block,
+        partials_block, torch.empty((), dtype=torch.float32, device=device),
+        torch.empty((), dtype=torch.uint8, device=device),
     )
 
 
@@ -128,6 +129,8 @@ class PerturbLaunch:
     programs: int
     chunk: int
     partials_block: int
+    norm_like: torch.Tensor | None = None  # 0-d fp32 and uint8 templates on the device
+    skipped_like: torch.Tensor | None = None
     reads_grads: ClassVar[bool] = False  # the device tables hold their addresses
 
     def __call__(self, tables, found_inf=None) -> Perturbation:
@@ -142,8 +145,11 @@ class PerturbLaunch:
             return Perturbation(norm, skipped, path=name, tables=[], plans=[])
         programs, chunk, spec = self.programs, self.chunk, self.spec
         n_partials = programs * len(self.active)
-        norm = torch.empty((), dtype=torch.float32, device=device)
-        skipped = torch.empty((), dtype=torch.uint8, device=device)
+        # A step's own norm and flag (the caller keeps them): empty_like of a
+        # 0-d template parses no dtype or device, ~2 us against ~3.5
+        # (bench/RESULTS.md "CPU (host)").
+        norm = torch.empty_like(self.norm_like)
+        skipped = torch.empty_like(self.skipped_like)
         for k, (dev, backup, ema) in enumerate(self.launches):
             k1_reduce.launch_reduce(dev, backup, ema, self.ready_flag, self.partials, k * programs, programs, chunk,
                                     spec)
