@@ -14,10 +14,11 @@ so the interpreter never runs a kernel); ``perturb="in_place"`` as
 Providers: ``python_host`` (the Python path, the fallback where the
 extension is not built, and all there was before issue 15) and ``cpp_host``
 (csrc/host.cpp: the layout check and cache of the device tables, and the
-optimizer's scans over its parameters, ``presam_kernels._host``).
+optimizer's scans over its parameters, ``presam_kernels._host``; and the
+steady step's replays, optim/steady.py).
 Regimes: ``kept`` gradients (the steady state: the same addresses every
-step, every table a cache hit) and ``fresh`` gradients (new tensors before
-each step, untimed: every table rebuilt).
+step, every half step a replay) and ``fresh`` gradients (new tensors before
+each step, untimed: the general path, every table rebuilt).
 On a shared machine, ``--benchmark-timer=time.process_time`` counts this
 process's CPU time only (the host work is single-threaded), not the waits
 for a core; the table says which timer ran.

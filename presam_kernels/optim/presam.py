@@ -115,9 +115,9 @@ def _check_rho(value, where="rho"):
 
 
 def _grad_disabled(func):
-    """``@torch.no_grad()`` for the eager steps, at a third of its host cost
-    (~2 us a call against ~6, twice a step: bench/RESULTS.md "CPU (host)");
-    torch.compile traces neither (its steps are the presam:: ops)."""
+    """``@torch.no_grad()`` for the eager steps, at a fifth of its host cost
+    (0.7 us a call against 3.5, twice a step: bench/RESULTS.md, after "CPU
+    (host)"); torch.compile traces neither (its steps are the presam:: ops)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
