@@ -151,15 +151,20 @@ def base_state_replaced(opt, params, step):
                 opt.state[p][k] = opt.state[p][k].clone()
 
 
+def restore_and_retake(opt, params, seed):
+    """restore() mid-step, then the step's first pass and first_step again and the second pass."""
+    opt.restore()
+    opt.zero_grad(set_to_none=False)
+    backward(params, seed)
+    opt.first_step()
+    opt.zero_grad(set_to_none=False)
+    backward(params, seed + 100)
+
+
 @at("second", None)
 def restored_midstep_and_retaken(opt, params, step):
     if step in (2, 4):
-        opt.restore()
-        opt.zero_grad(set_to_none=False)
-        backward(params, 100 + step)
-        opt.first_step()
-        opt.zero_grad(set_to_none=False)
-        backward(params, 200 + step)
+        restore_and_retake(opt, params, 100 + step)
 
 
 @at("after", None)
@@ -364,12 +369,7 @@ def moved_between_passes_then_restored(opt, params, step):
         params[1].data = params[1].data.clone()
         with pytest.raises(RuntimeError, match="moved"):
             opt.second_step()
-        opt.restore()
-        opt.zero_grad(set_to_none=False)
-        backward(params, 300 + step)
-        opt.first_step()
-        opt.zero_grad(set_to_none=False)
-        backward(params, 400 + step)
+        restore_and_retake(opt, params, 300 + step)
 
 
 @pytest.mark.parametrize("base", ["sgd", "adam"])
