@@ -168,7 +168,7 @@ class SteadyStep:
         if watch is None or watch.data_addresses() != pending.storage:
             return
         self.second = SecondHalf(
-            buckets=opt._buckets, first_params=tuple(t.params for t in pending.tables), group_perturbed=list(pending.group_perturbed),
-            storage=pending.storage, kind=kind, watch=watch, layouts=tuple(_without_grads(t) for t in tables),
-            launch=launch,
+            buckets=opt._buckets, first_params=tuple(t.params for t in pending.tables),
+            group_perturbed=list(pending.group_perturbed), storage=pending.storage, kind=kind, watch=watch,
+            layouts=tuple(_without_grads(t) for t in tables), launch=launch,
         )
