@@ -53,9 +53,9 @@ class CountsReplays(steady.SteadyStep):
         return {half for half, hit in self.replayed if hit}
 
 
-def make(cls=SAM, base="sgd", backend="cpp", seed=0, shapes=SHAPES, groups=None, **options):
+def make(cls=SAM, base="sgd", backend="cpp", seed=0, shapes=SHAPES, groups=None, device="cpu", **options):
     torch.manual_seed(seed)
-    params = [torch.randn(s).requires_grad_(True) for s in shapes]
+    params = [torch.randn(s).to(device).requires_grad_(True) for s in shapes]
     if base == "adam":
         base_cls, kwargs = torch.optim.Adam, dict(lr=0.05)
     elif base == "adamw":
@@ -70,7 +70,7 @@ def make(cls=SAM, base="sgd", backend="cpp", seed=0, shapes=SHAPES, groups=None,
 
 def backward(params, seed, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
-    loss = sum(((p - torch.randn(p.shape, generator=gen)) ** 2).sum() + p.sin().sum() for p in params)
+    loss = sum(((p - torch.randn(p.shape, generator=gen).to(p.device)) ** 2).sum() + p.sin().sum() for p in params)
     (loss * scale).backward()
 
 

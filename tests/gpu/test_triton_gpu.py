@@ -251,3 +251,14 @@ def test_torch_compile_inductor_fullgraph_first_step_matches_eager(variant, flat
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert comp_fused == eager_fused
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("options", [{}, {"flatten": True}, {"base": "adam"}], ids=["in_place", "flatten", "adam"])
+@pytest.mark.parametrize("change", ["nothing", "second_grad_replaced", "param_restrided", "rho_changed"])
+def test_steady_replays_on_the_gpu_are_the_general_steps_bit_for_bit(options, change):
+    """The steady step (optim/steady.py) with compiled kernels and device
+    tables on the GPU: a replaying run and one that never replays, in
+    lockstep (tests/test_steady_step.py), bit for bit, the steady part replayed."""
+    import test_steady_step as steady_tests
+
+    steady_tests.lockstep(getattr(steady_tests, change), steps=7, backend="triton", device="cuda", **options)
