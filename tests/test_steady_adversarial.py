@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
+import warnings
 import weakref
 
 import pytest
@@ -222,23 +223,14 @@ def test_rho_alternating_each_step_never_replays_a_stale_rho():
 
 
 def test_mixed_dtype_buckets():
-    def make_mixed(**kwargs):
-        torch.manual_seed(0)
-        dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16]
-        params = [torch.randn(s).to(dt).requires_grad_(True) for s, dt in zip(SHAPES, dtypes)]
-        return params, SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpp", **IN_PLACE)
-
     @at("first", None)
     def half_grads_sometimes(opt, params, step):
         if step % 3 == 2:
             params[1].grad = params[4].grad = None
-    global make
-    original = make
-    make = make_mixed
-    try:
-        lockstep(half_grads_sometimes)
-    finally:
-        make = original
+
+    a, _, _, _ = lockstep(half_grads_sometimes,
+                          dtypes=[torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16])
+    assert len(a._buckets) == 3
 
 
 def test_two_optimizers_over_the_same_parameters():
@@ -502,3 +494,23 @@ def test_out_of_place_with_unperturbed_groups(variant):
     may replay its second half; one that switches must not."""
     groups = [((0, 2), {"rho": 0.1}), ((2, 5), {"rho": 0.0})]
     lockstep(rho_toggled_off_and_on, perturb="out_of_place", groups=groups, steps=7, **variant)
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.triton)])
+def test_a_fallback_warning_raised_as_an_error_leaves_a_step_restore_can_undo(backend):
+    """Under ``python -W error`` the once-only fallback warning (a gradient
+    strided unlike its parameter) escapes first_step after x + e was
+    written; the step must be pending by then, so that restore() puts x back."""
+    torch.manual_seed(0)
+    params = [torch.randn(2, 2, requires_grad=True), torch.randn(4, requires_grad=True)]
+    opt = SAM(params, torch.optim.SGD, lr=0.1, backend=backend, perturb="in_place")
+    before = [p.detach().clone() for p in params]
+    backward(params, 0)
+    params[0].grad = params[0].grad.t().contiguous().t()  # strided unlike its parameter: the eager fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeWarning, match="ran on the eager backend"):
+            opt.first_step()
+    opt.restore()
+    for k, (p, x) in enumerate(zip(params, before)):
+        assert_bits_equal(p.detach(), x, f"param {k} after first_step raised and restore()")

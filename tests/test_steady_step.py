@@ -53,9 +53,11 @@ class CountsReplays(steady.SteadyStep):
         return {half for half, hit in self.replayed if hit}
 
 
-def make(cls=SAM, base="sgd", backend="cpp", seed=0, shapes=SHAPES, groups=None, device="cpu", **options):
+def make(cls=SAM, base="sgd", backend="cpp", seed=0, shapes=SHAPES, groups=None, device="cpu", dtypes=None,
+         **options):
     torch.manual_seed(seed)
-    params = [torch.randn(s).to(device).requires_grad_(True) for s in shapes]
+    dtypes = dtypes or [torch.float32] * len(shapes)
+    params = [torch.randn(s).to(device, dtype).requires_grad_(True) for s, dtype in zip(shapes, dtypes)]
     if base == "adam":
         base_cls, kwargs = torch.optim.Adam, dict(lr=0.05)
     elif base == "adamw":

@@ -478,7 +478,9 @@ class PreSAM(Optimizer):
                     f"walk, or a tensor subclass): the step ran on the eager backend, and will whenever that "
                     f"recurs (opt.last_step_backend says which ran; this warning is shown once)",
                     RuntimeWarning,
-                    stacklevel=4,
+                    # The caller of first_step: here, _begin_pending, _first_step_eager,
+                    # _first_step_and_zero_grad, _grad_disabled's wrapper, first_step.
+                    stacklevel=7,
                 )
         self.last_step_backend = ran
 
@@ -608,7 +610,6 @@ class PreSAM(Optimizer):
         buckets = self._buckets
         if perturbation is not None:
             norm, skipped = perturbation.norm, perturbation.skipped
-            self._note_path_taken(perturbation.path)
             if self.preconditioner.objective.has_state:  # no gradient anywhere: nothing seen
                 self._ema_ready.note_step(skipped)
         else:
@@ -629,6 +630,10 @@ class PreSAM(Optimizer):
             moved_here = self.flatten or pending.switched
             pending.storage = _host.data_addresses(self._params()) if moved_here else scan.data_addresses
         self._pending = pending
+        if perturbation is not None:
+            # Last: its warning may be raised as an error (python -W error),
+            # and the step is pending by then, so restore() can undo it.
+            self._note_path_taken(perturbation.path)
         return pending
 
     def _count_skip(self, skipped):
