@@ -48,7 +48,14 @@ bool as_bool(PyObject* item) {
   return v != 0;
 }
 
-int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_ptr()); }
+// A tensor's data address (its TensorImpl's, as Tensor::data_ptr() gives it).
+int64_t impl_address(c10::TensorImpl* t) { return reinterpret_cast<int64_t>(t->mutable_data()); }
+int64_t address(const at::Tensor& t) { return impl_address(t.unsafeGetTensorImpl()); }
+
+// A device as one number (type and index), as the keys and signatures hold it.
+int64_t device_code(const at::Device& d) {
+  return static_cast<int64_t>(d.type()) << 16 | static_cast<uint16_t>(d.index());
+}
 
 // Whether a and b are equal bytes objects (None never equals).
 bool same_bytes(const py::object& a, const py::object& b) {
@@ -384,7 +391,7 @@ void write_layout(PyObject* obj, size_t i, int64_t* w) {
   TORCH_CHECK(THPVariable_Check(obj), "layout_key: parameter ", i, " is not a tensor");
   const at::Tensor& t = THPVariable_Unpack(obj);
   w[0] = reinterpret_cast<int64_t>(obj);
-  w[1] = static_cast<int64_t>(t.device().type()) << 16 | static_cast<uint16_t>(t.device().index());
+  w[1] = device_code(t.device());
   w[2] = static_cast<int64_t>(t.scalar_type());
 }
 
@@ -452,8 +459,7 @@ py::tuple scan_params(const py::list& groups) {
 // device, sizes, strides and data address.
 void sign(const at::Tensor& t, std::vector<int64_t>& out) {
   out.insert(out.end(), {static_cast<int64_t>(t.layout()), static_cast<int64_t>(t.scalar_type()),
-                         static_cast<int64_t>(t.device().type()) << 16 | static_cast<uint16_t>(t.device().index()),
-                         t.dim()});
+                         device_code(t.device()), t.dim()});
   if (t.layout() != at::kStrided) return;
   out.insert(out.end(), t.sizes().begin(), t.sizes().end());
   out.insert(out.end(), t.strides().begin(), t.strides().end());
@@ -502,7 +508,6 @@ py::tuple rows_with_grads(const py::list& params) {
   return py::make_tuple(row_tuple, grad_list, signed_rows);
 }
 
-
 // -- the steady state (presam_kernels/optim/steady.py) ------------------------------
 //
 // What a step's host work read of the parameters and their gradients, recorded
@@ -514,12 +519,13 @@ py::tuple rows_with_grads(const py::list& params) {
 // steps' scans (layout key, storage addresses, sparse gradients, flatten=True's
 // flat buffers) and the device tables' rows are made of, so a step that finds
 // it unchanged may replay the last one's tables and launches.
+
 // Whether a tensor is what sign() appended at s, but for its address.
 bool same_layout(const c10::TensorImpl* t, const int64_t* s) {
   const int64_t dim = t->dim();
   if (s[0] != static_cast<int64_t>(t->layout()) ||
       s[1] != static_cast<int64_t>(c10::typeMetaToScalarType(t->dtype())) ||
-      s[2] != (static_cast<int64_t>(t->device().type()) << 16 | static_cast<uint16_t>(t->device().index())) ||
+      s[2] != device_code(t->device()) ||
       s[3] != dim || t->layout() != at::kStrided) {
     return false;
   }
@@ -531,9 +537,6 @@ bool same_layout(const c10::TensorImpl* t, const int64_t* s) {
 size_t address_at(const std::vector<int64_t>& signature, size_t start) {
   return start + 4 + 2 * static_cast<size_t>(signature[start + 3]);
 }
-
-// address() of a tensor's TensorImpl.
-int64_t impl_address(c10::TensorImpl* t) { return reinterpret_cast<int64_t>(t->mutable_data()); }
 
 // The cache lines of a TensorImpl that the layout checks read.
 void prefetch_impl(const c10::TensorImpl* t) {
@@ -548,11 +551,10 @@ class ParamWatch {
   // the buffers' own slices); ``check`` hands back each such table's gradients.
   ParamWatch(const py::list& groups, const py::list& tables) {
     std::unordered_map<PyObject*, size_t> index;
-    recordable_ = walk(groups, [&](PyObject* obj, const at::Tensor& p) {
+    recordable_ = walk(groups, /*record=*/true, [&](PyObject* obj, const at::Tensor& p) {
       if (!THPVariable_CheckExact(obj) || p.layout() != at::kStrided) return false;
       index.emplace(obj, params_.size());
       params_.push_back(py::reinterpret_borrow<py::object>(obj));
-      addresses_.push_back(address(p));
       param_at_.push_back(signature_.size());
       sign(p, signature_);
       const at::Tensor& g = p.grad();
@@ -585,7 +587,9 @@ class ParamWatch {
 
   // The parameters' data addresses when recorded, as data_addresses() packs them.
   py::bytes data_addresses() const {
-    return py::bytes(reinterpret_cast<const char*>(addresses_.data()), addresses_.size() * sizeof(int64_t));
+    std::vector<int64_t> addresses;
+    for (size_t start : param_at_) addresses.push_back(signature_[address_at(signature_, start)]);
+    return py::bytes(reinterpret_cast<const char*>(addresses.data()), addresses.size() * sizeof(int64_t));
   }
 
   // None when anything recorded differs; else, per recorded table, the
@@ -599,7 +603,7 @@ class ParamWatch {
     // meta, gradient), which one pass a tensor at a time would wait on in turn.
     impls_.clear();
     size_t i = 0;
-    const bool same = walk(groups, [&](PyObject* obj, const at::Tensor& p) {
+    const bool same = walk(groups, /*record=*/false, [&](PyObject* obj, const at::Tensor& p) {
       if (i >= params_.size() || obj != params_[i].ptr()) return false;
       impls_.push_back(p.unsafeGetTensorImpl());
       prefetch_impl(impls_.back());
@@ -669,18 +673,18 @@ class ParamWatch {
   };
 
   // Calls visit(obj, tensor) on every parameter of every group, in order;
-  // false as soon as a visit is (or when a group is not as recorded).
+  // false as soon as a visit is, or (unless ``record``ing the group sizes)
+  // when a group is not the size recorded.
   template <typename Visit>
-  bool walk(const py::list& groups, Visit&& visit) {
-    const bool recording = group_sizes_recorded_ == false;
-    if (!recording && static_cast<size_t>(PyList_GET_SIZE(groups.ptr())) != group_sizes_.size()) return false;
+  bool walk(const py::list& groups, bool record, Visit&& visit) {
+    if (!record && static_cast<size_t>(PyList_GET_SIZE(groups.ptr())) != group_sizes_.size()) return false;
     for (Py_ssize_t k = 0; k < PyList_GET_SIZE(groups.ptr()); ++k) {
       PyObject* group = PyList_GET_ITEM(groups.ptr(), k);
       if (!PyDict_Check(group)) return false;
       PyObject* params = PyDict_GetItemString(group, "params");
       if (params == nullptr || !PyList_Check(params)) return false;
       const Py_ssize_t n = PyList_GET_SIZE(params);
-      if (recording) {
+      if (record) {
         group_sizes_.push_back(n);
       } else if (n != group_sizes_[k]) {
         return false;
@@ -691,15 +695,12 @@ class ParamWatch {
         if (!visit(obj, THPVariable_Unpack(obj))) return false;
       }
     }
-    group_sizes_recorded_ = true;
     return true;
   }
 
   bool recordable_ = false;
   std::vector<py::object> params_;  // held: their identities stay theirs
-  std::vector<int64_t> addresses_;  // per parameter, when recorded
   std::vector<Py_ssize_t> group_sizes_;
-  bool group_sizes_recorded_ = false;
   std::vector<int64_t> signature_;  // per parameter: sign(p), then sign(grad) where it has one
   std::vector<size_t> param_at_;    // per parameter: where its sign() starts in signature_
   std::vector<int64_t> grad_at_;    // per parameter: where its gradient's starts, or -1 (none)

@@ -143,8 +143,8 @@ class Plan:
         buffers and point the state at our views; create Adam's state where
         there is none.  Harmless if the kernel then does not run: torch's own
         step updates the views in place."""
-        if not self.adopt_list and not self.attach_list:
-            return  # a steady plan: nothing to copy (and no no_grad context to enter, ~3 us)
+        if self.steady:
+            return  # nothing to copy (and no no_grad context to enter, ~3 us)
         with torch.no_grad():
             for view, value in self.adopt_list:
                 if value is None:

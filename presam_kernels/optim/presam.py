@@ -562,9 +562,11 @@ class PreSAM(Optimizer):
             )
         self._check_linked_to_base()
         scaler = amp.active(grad_scaler)
-        if scaler is not None:
+        replay = None
+        if scaler is None:
+            replay = self._steady.replay_first(self)
+        else:
             self._steady.forget()  # steps under a GradScaler are never replayed
-        replay = self._steady.replay_first(self) if scaler is None else None
         if replay is not None:  # the last first_step's tables and launch, nothing changed since
             record, tables = replay
             perturbation = record.launch([tables[k] for k in record.active])
@@ -661,9 +663,11 @@ class PreSAM(Optimizer):
                 "first_step() got grad_scaler but second_step() did not, so the base step would "
                 "use scaled gradients; pass the same GradScaler to both steps"
             )
-        if scaler is not None:
+        replay = None
+        if scaler is None:
+            replay = self._steady.replay_second(self, pending)
+        else:
             self._steady.forget()
-        replay = self._steady.replay_second(self, pending) if scaler is None else None
         if replay is not None:  # the last fused second_step's tables and launch, nothing changed since
             record, tables = replay
             self._pending = None

@@ -160,7 +160,7 @@ class SteadyStep:
     def keep_second(self, opt, pending, kind, launch, tables):
         """After a general fused second_step: its record, where it may be replayed."""
         self.second = None
-        if pending.grad_scaler_used or opt._bound_to_operands or launch is None:
+        if pending.grad_scaler_used or opt._bound_to_operands:
             return
         watch = _host.param_watch(opt.param_groups, tables)
         # The parameters where first_step left them, which a step out of place

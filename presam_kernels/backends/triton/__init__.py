@@ -95,7 +95,7 @@ def plan_perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready):
         return eager.plan_perturb(tables, buckets, spec, rhos, ema_ready)
     active = tuple(k for k, d in enumerate(dev_tables) if d is not None and d.n_rows)
     if not active:
-        return PerturbLaunch(device, active, (), None, None, None, spec, programs, chunk, partials_block)
+        return PerturbLaunch(device, active, (), (), None, None, None, spec, programs, chunk, partials_block)
     launches = []
     for k in active:
         backup = saved_buffer(buckets[k], tables[k])  # out of place: the adversarial buffer
@@ -103,6 +103,7 @@ def plan_perturb(tables, buckets, spec: Preconditioner, rhos, ema_ready):
         launches.append((dev_tables[k], backup, buckets[k].buffers.grad_ema if stateful else backup))
     return PerturbLaunch(
         device, active, tuple(launches),
+        tuple((dev, backup, programs, chunk) for dev, backup, _ in launches),
         # The launchers' flag: None while the EMA is cold and the host knows it
         # (the EMA_READY=False specialization reads none), else 0-d, 1.0 once ready.
         _ema_ready_flag(ema_ready, device) if stateful else None,
@@ -122,6 +123,7 @@ class PerturbLaunch:
     device: torch.device
     active: tuple  # indices of the tables launched
     launches: tuple  # per active table: (device table, saved buffer, EMA)
+    restore_plans: tuple  # per active table: what K3 needs to undo it (Perturbation.plans)
     ready_flag: torch.Tensor | None
     partials: torch.Tensor | None
     rho: torch.Tensor | None
@@ -160,9 +162,9 @@ class PerturbLaunch:
                 programs, chunk, spec, write_norm=k == 0, out_of_place=table.out_of_place,
                 partials_block=self.partials_block,
             )
-        # What K3 needs to undo each table.
-        plans = [(dev, backup, programs, chunk) for dev, backup, _ in self.launches]
-        return Perturbation(norm, skipped.view(torch.bool), path=name, tables=active_tables, plans=plans)
+        return Perturbation(
+            norm, skipped.view(torch.bool), path=name, tables=active_tables, plans=list(self.restore_plans)
+        )
 
 
 def restore(perturbation: Perturbation):
